@@ -1,0 +1,45 @@
+# poproxy developer commands. `make test` does every set-up step itself.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo check test interop-deps clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/poproxy demo -c config/demo.yaml
+
+check: install
+	$(BIN)/ruff format --check poproxy tests bench
+	$(BIN)/ruff check poproxy tests bench
+	$(BIN)/mypy
+
+# The interop tests run a real Dovecot and real clients (curl, openssl).
+# As root on a Debian-like machine they are installed here when missing.
+interop-deps:
+	@missing=""; \
+	[ -x /usr/sbin/dovecot ] || missing="$$missing dovecot-pop3d"; \
+	command -v curl >/dev/null || missing="$$missing curl"; \
+	command -v openssl >/dev/null || missing="$$missing openssl"; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing:$$missing"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+		else \
+			echo "missing:$$missing (not root: interop tests that need them will be skipped)"; \
+		fi; \
+	fi
+
+test: check interop-deps
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

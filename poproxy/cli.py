@@ -1,0 +1,104 @@
+"""The `poproxy` command: `run`, `check-config`, `demo`.
+
+Owns: argument parsing, logging set-up, exit codes, and running the server
+on uvloop. A configuration, certificate or listen problem is one line on
+stderr naming the file and key, and exit status 2; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+import uvloop
+
+from poproxy import __version__, config, tls
+from poproxy.server import ListenError, Proxy, serve
+
+EXIT_USAGE = 2  # bad configuration, certificate or listen address
+
+log = logging.getLogger("poproxy")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="poproxy", description="TLS-terminating POP3 proxy")
+    parser.add_argument("--version", action="version", version=f"poproxy {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run the proxy in the foreground")
+    run.add_argument("-c", "--config", type=Path, required=True, help="YAML configuration file")
+    check = commands.add_parser("check-config", help="validate a configuration, bind nothing")
+    check.add_argument("-c", "--config", type=Path, required=True, help="YAML configuration file")
+    demo_command = commands.add_parser("demo", help="run the proxy before an in-memory POP3 server")
+    demo_command.add_argument("-c", "--config", type=Path, help="demo configuration file")
+    arguments = parser.parse_args(argv)
+
+    try:
+        match arguments.command:
+            case "check-config":
+                return check_config(arguments.config)
+            case "run":
+                settings = config.load(arguments.config)
+                _setup_logging(settings.log.level)
+                context = tls.server_context(settings.tls, settings.source)
+                return _run_until_signal(lambda stop: serve(Proxy(settings, context), stop))
+            case "demo":
+                from poproxy import demo  # only the demo needs its sample data
+
+                _setup_logging("info")
+                return _run_until_signal(lambda stop: demo.run_demo(arguments.config, stop))
+    except (config.ConfigError, tls.CertificateError, ListenError) as exc:
+        print(f"poproxy: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    raise AssertionError(arguments.command)
+
+
+def check_config(path: Path) -> int:
+    """Validate the file and the certificates it names; print what an operator checks."""
+    settings = config.load(path)
+    tls.server_context(settings.tls, settings.source)
+    now = datetime.datetime.now(datetime.UTC)
+    for files in settings.tls.certificates:
+        info = tls.inspect_certificate(files, settings.source)
+        days = (info.not_after - now).days
+        print(
+            f"certificate {files.cert}: names {', '.join(info.names) or '-'};"
+            f" expires {info.not_after:%Y-%m-%d} ({days} days)"
+        )
+    for listener in settings.listeners:
+        print(f"listener {listener.name}: {listener.listen} tls={listener.tls}")
+    for backend in settings.backends:
+        servers = ", ".join(str(server) for server in backend.servers)
+        print(f"backend {backend.name}: {servers}")
+    print(f"{path}: OK")
+    return 0
+
+
+def _run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> int:
+    """Run `main` on uvloop; SIGTERM and SIGINT set its stop event."""
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        # SIGTERM (orchestrators) and SIGINT (Ctrl-C) both start the ordered
+        # shutdown; a second one is ignored while the grace period runs.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await main(stop)
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner_:
+        runner_.run(runner())
+    return 0
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )

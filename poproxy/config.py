@@ -1,0 +1,374 @@
+"""poproxy's configuration: YAML in, frozen dataclasses out, validated once.
+
+Owns: the schema, defaults, and every validation message; each error names
+the file and the key path (`poproxy.yaml: listeners[1].listen: port 99999 out
+of range`). Must never open sockets, build SSLContexts or read certificates:
+that is `tls.py`'s and `server.py`'s work, done after the config is valid.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, NoReturn, cast
+
+import yaml
+
+SECONDS = 1.0
+MINUTES = 60 * SECONDS
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message is one line fit for the operator."""
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Listener:
+    name: str
+    listen: Address
+    tls: Literal["implicit", "starttls"]
+
+
+@dataclass(frozen=True)
+class CertificateFiles:
+    cert: Path
+    key: Path
+    key_path: str  # where in the config it was given, for error messages
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    certificates: tuple[CertificateFiles, ...]
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    servers: tuple[Address, ...]
+    connect_timeout: float = 5 * SECONDS
+    reply_timeout: float = 30 * SECONDS
+
+
+@dataclass(frozen=True)
+class Limits:
+    handshake_timeout: float = 10 * SECONDS
+    login_timeout: float = 60 * SECONDS  # from connect until the backend accepts the login
+    idle_timeout: float = 10 * MINUTES  # RFC 1939 section 3: at least 10 minutes
+    max_line: int = 8192
+    max_errors: int = 5
+    max_auth_failures: int = 3
+    auth_failure_delay: float = 2 * SECONDS
+    shutdown_grace: float = 30 * SECONDS
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    listeners: tuple[Listener, ...]
+    tls: TlsSettings
+    backends: tuple[Backend, ...]
+    limits: Limits = field(default_factory=Limits)
+    log: LogSettings = field(default_factory=LogSettings)
+    source: str = "<config>"
+
+
+def load(path: Path) -> Config:
+    """Read and validate a YAML file; raise ConfigError with a one-line reason."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    return parse(text, source=str(path), base=path.parent)
+
+
+def parse(text: str, *, source: str = "<config>", base: Path | None = None) -> Config:
+    """Validate YAML text; relative certificate paths are taken from `base`."""
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{source}: {problem}{where}") from None
+    root = _Node(source, "", document if document is not None else {})
+    return _config(root, base or Path.cwd())
+
+
+# --- Schema -----------------------------------------------------------------
+
+
+def _config(root: _Node, base: Path) -> Config:
+    mapping = root.mapping({"listeners", "tls", "backends", "limits", "log"})
+    listeners = tuple(_listener(item) for item in mapping.required("listeners").sequence())
+    if not listeners:
+        mapping.required("listeners").fail("at least one listener is needed")
+    _unique(mapping.required("listeners"), [listener.name for listener in listeners])
+    backends = tuple(_backend(item) for item in mapping.required("backends").sequence())
+    if not backends:
+        mapping.required("backends").fail("at least one backend is needed")
+    _unique(mapping.required("backends"), [backend.name for backend in backends])
+    return Config(
+        listeners=listeners,
+        tls=_tls(mapping.required("tls"), base),
+        backends=backends,
+        limits=_limits(mapping.optional("limits")),
+        log=_log(mapping.optional("log")),
+        source=root.source,
+    )
+
+
+def _listener(node: _Node) -> Listener:
+    mapping = node.mapping({"name", "listen", "tls"})
+    return Listener(
+        name=mapping.required("name").name(),
+        listen=mapping.required("listen").address(default_port=None),
+        tls=cast(
+            Literal["implicit", "starttls"],
+            mapping.required("tls").choice(("implicit", "starttls")),
+        ),
+    )
+
+
+def _tls(node: _Node, base: Path) -> TlsSettings:
+    mapping = node.mapping({"certificates", "min_version"})
+    certificates = tuple(
+        _certificate(item, base) for item in mapping.required("certificates").sequence()
+    )
+    if not certificates:
+        mapping.required("certificates").fail("at least one certificate is needed")
+    min_version = mapping.optional("min_version")
+    return TlsSettings(
+        certificates=certificates,
+        min_version=cast(
+            Literal["1.2", "1.3"],
+            min_version.choice(("1.2", "1.3")) if min_version.present else "1.2",
+        ),
+    )
+
+
+def _certificate(node: _Node, base: Path) -> CertificateFiles:
+    mapping = node.mapping({"cert", "key"})
+    return CertificateFiles(
+        cert=base / mapping.required("cert").string(),
+        key=base / mapping.required("key").string(),
+        key_path=node.path,
+    )
+
+
+def _backend(node: _Node) -> Backend:
+    mapping = node.mapping({"name", "servers", "connect_timeout", "reply_timeout"})
+    servers = tuple(
+        item.address(default_port=110) for item in mapping.required("servers").sequence()
+    )
+    if not servers:
+        mapping.required("servers").fail("at least one server is needed")
+    defaults = Backend(name="", servers=())
+    return Backend(
+        name=mapping.required("name").name(),
+        servers=servers,
+        connect_timeout=mapping.optional("connect_timeout").duration(defaults.connect_timeout),
+        reply_timeout=mapping.optional("reply_timeout").duration(defaults.reply_timeout),
+    )
+
+
+def _limits(node: _Node) -> Limits:
+    defaults = Limits()
+    if not node.present:
+        return defaults
+    mapping = node.mapping(
+        {
+            "handshake_timeout",
+            "login_timeout",
+            "idle_timeout",
+            "max_line",
+            "max_errors",
+            "max_auth_failures",
+            "auth_failure_delay",
+            "shutdown_grace",
+        }
+    )
+    return Limits(
+        handshake_timeout=mapping.optional("handshake_timeout").duration(
+            defaults.handshake_timeout
+        ),
+        login_timeout=mapping.optional("login_timeout").duration(defaults.login_timeout),
+        idle_timeout=mapping.optional("idle_timeout").duration(defaults.idle_timeout),
+        # RFC 2449 section 4: 255 octets is the least a CAPA server must take.
+        max_line=mapping.optional("max_line").integer(defaults.max_line, low=255, high=1 << 20),
+        max_errors=mapping.optional("max_errors").integer(defaults.max_errors, low=1),
+        max_auth_failures=mapping.optional("max_auth_failures").integer(
+            defaults.max_auth_failures, low=1
+        ),
+        auth_failure_delay=mapping.optional("auth_failure_delay").duration(
+            defaults.auth_failure_delay, allow_zero=True
+        ),
+        shutdown_grace=mapping.optional("shutdown_grace").duration(
+            defaults.shutdown_grace, allow_zero=True
+        ),
+    )
+
+
+def _log(node: _Node) -> LogSettings:
+    if not node.present:
+        return LogSettings()
+    mapping = node.mapping({"level"})
+    level = mapping.optional("level")
+    if not level.present:
+        return LogSettings()
+    choice = level.choice(("debug", "info", "warning", "error"))
+    return LogSettings(level=cast(Literal["debug", "info", "warning", "error"], choice))
+
+
+def _unique(node: _Node, names: list[str]) -> None:
+    for index, name in enumerate(names):
+        if name in names[:index]:
+            node.at(index).fail(f"duplicate name {name!r}")
+
+
+# --- Validation helpers ----------------------------------------------------
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
+_UNITS = {"ms": 0.001, "s": SECONDS, "m": MINUTES, "h": 60 * MINUTES, None: SECONDS}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_MISSING = object()
+
+
+class _Node:
+    """A value at a key path inside the document, with typed accessors."""
+
+    def __init__(self, source: str, path: str, value: Any) -> None:
+        self.source = source
+        self.path = path
+        self.value = value
+
+    @property
+    def present(self) -> bool:
+        return self.value is not _MISSING
+
+    def fail(self, reason: str) -> NoReturn:
+        where = f"{self.source}: {self.path}: " if self.path else f"{self.source}: "
+        raise ConfigError(where + reason)
+
+    def _child(self, key: str | int, value: Any) -> _Node:
+        path = f"{self.path}[{key}]" if isinstance(key, int) else f"{self.path}.{key}"
+        return _Node(self.source, path.lstrip("."), value)
+
+    def mapping(self, allowed: set[str]) -> _Mapping:
+        if not isinstance(self.value, dict):
+            self.fail("expected a mapping of keys")
+        value: dict[Any, Any] = self.value
+        for key in value:
+            if key not in allowed:
+                self._child(str(key), None).fail(
+                    f"unknown key (expected one of: {', '.join(sorted(allowed))})"
+                )
+        return _Mapping(self, value)
+
+    def sequence(self) -> list[_Node]:
+        if not isinstance(self.value, list):
+            self.fail("expected a list")
+        return [self._child(index, item) for index, item in enumerate(self.value)]
+
+    def at(self, index: int) -> _Node:
+        return self._child(index, None)
+
+    def string(self) -> str:
+        if not isinstance(self.value, str) or not self.value:
+            self.fail("expected a non-empty string")
+        return self.value
+
+    def name(self) -> str:
+        value = self.string()
+        if not _NAME.match(value):
+            self.fail(f"invalid name {value!r} (letters, digits, '_', '.', '-')")
+        return value
+
+    def choice(self, choices: tuple[str, ...]) -> str:
+        value = self.value
+        if value not in choices:
+            self.fail(f"must be one of {', '.join(choices)} (got {value!r})")
+        return cast(str, value)
+
+    def integer(self, default: int, *, low: int = 0, high: int = 1 << 31) -> int:
+        if not self.present:
+            return default
+        if not isinstance(self.value, int) or isinstance(self.value, bool):
+            self.fail("expected an integer")
+        if not low <= self.value <= high:
+            self.fail(f"{self.value} out of range ({low}-{high})")
+        return self.value
+
+    def duration(self, default: float, *, allow_zero: bool = False) -> float:
+        """A duration such as `30s`, `10m`, `500ms`, `1h`, or a number of seconds."""
+        if not self.present:
+            return default
+        text = str(self.value) if isinstance(self.value, int | float | str) else ""
+        match = _DURATION.match(text.strip())
+        if isinstance(self.value, bool) or not match:
+            self.fail(f"invalid duration {self.value!r} (use e.g. 30s, 10m, 500ms)")
+        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+        if seconds <= 0 and not allow_zero:
+            self.fail("must be more than zero")
+        return seconds
+
+    def address(self, default_port: int | None) -> Address:
+        """`host:port`, `[v6]:port`, or a bare host when a default port exists."""
+        text = self.string().strip()
+        bracketed = re.match(r"^\[([^\]]+)\](?::(\d+))?$", text)
+        if bracketed:
+            host, port_text = bracketed.group(1), bracketed.group(2)
+        elif text.count(":") == 1:
+            host, port_text = text.split(":")
+        elif ":" in text:
+            self.fail(f"IPv6 address {text!r} needs brackets: [{text}]:port")
+        else:
+            host, port_text = text, None
+        if port_text is None:
+            if default_port is None:
+                self.fail(f"{text!r} has no port (use host:port)")
+            port_text = str(default_port)
+        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+            self.fail(f"port {port_text} out of range")
+        if not host or not _valid_host(host):
+            self.fail(f"invalid host {host!r}")
+        return Address(host, int(port_text))
+
+
+def _valid_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return re.match(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$", host) is not None
+    return True
+
+
+class _Mapping:
+    def __init__(self, node: _Node, value: Mapping[Any, Any]) -> None:
+        self.node = node
+        self.value = value
+
+    def required(self, key: str) -> _Node:
+        if key not in self.value:
+            self.node._child(key, None).fail("required key is missing")
+        return self.node._child(key, self.value[key])
+
+    def optional(self, key: str) -> _Node:
+        return self.node._child(key, self.value.get(key, _MISSING))
