@@ -83,7 +83,13 @@ class Proxy:
         for listening in self._listening:
             loop.add_reader(listening.sock.fileno(), self._accept, listening)
             listener = listening.context.listener
-            log.info("listening on %s (%s, tls=%s)", listener.listen, listener.name, listener.tls)
+            host, port = self.addresses[listener.name]
+            log.info(
+                "listening on %s (%s, tls=%s)",
+                config.Address(host, port),
+                listener.name,
+                listener.tls,
+            )
 
     def _accept(self, listening: _Listening) -> None:
         for _ in range(ACCEPTS_PER_WAKEUP):

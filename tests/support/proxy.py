@@ -1,0 +1,73 @@
+"""Running poproxy in tests: a configuration on loopback port 0 and a handle on it."""
+
+from __future__ import annotations
+
+import dataclasses
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import trustme
+
+from poproxy import config
+from poproxy.server import Proxy
+
+# Fast limits for tests: no failure delay, short grace.
+TEST_LIMITS = config.Limits(auth_failure_delay=0.0, shutdown_grace=2.0)
+
+
+def proxy_config(
+    certificate: config.CertificateFiles,
+    backend_servers: list[tuple[str, int]],
+    **limits: Any,
+) -> config.Config:
+    """Two listeners on 127.0.0.1 port 0: `pop3s` (implicit TLS) and `pop3` (STLS)."""
+    return config.Config(
+        listeners=(
+            config.Listener("pop3s", config.Address("127.0.0.1", 0), "implicit"),
+            config.Listener("pop3", config.Address("127.0.0.1", 0), "starttls"),
+        ),
+        tls=config.TlsSettings(certificates=(certificate,)),
+        backends=(
+            config.Backend(
+                "test",
+                tuple(config.Address(host, port) for host, port in backend_servers),
+                connect_timeout=2.0,
+                reply_timeout=5.0,
+            ),
+        ),
+        limits=dataclasses.replace(TEST_LIMITS, **limits),
+        source="test.yaml",
+    )
+
+
+@dataclass(frozen=True)
+class Certificates:
+    """A test CA and the server certificate it issued, as files."""
+
+    ca: trustme.CA
+    files: config.CertificateFiles
+    ca_file: Path
+
+    def client_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.ca_file))
+
+
+@dataclass
+class RunningProxy:
+    proxy: Proxy
+
+    @property
+    def implicit(self) -> tuple[str, int]:
+        return self.proxy.addresses["pop3s"]
+
+    @property
+    def starttls(self) -> tuple[str, int]:
+        return self.proxy.addresses["pop3"]
+
+
+class StartProxy(Protocol):
+    async def __call__(
+        self, backend_servers: list[tuple[str, int]], **limits: Any
+    ) -> RunningProxy: ...
