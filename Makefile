@@ -7,6 +7,12 @@ STAMP := $(VENV)/.installed
 .PHONY: install demo check test interop-deps clean
 
 $(STAMP): pyproject.toml
+	@# Debian's python3 ships venv separately: install it when root and missing.
+	@if ! $(PYTHON) -m venv --help >/dev/null 2>&1 || ! $(PYTHON) -c 'import ensurepip' 2>/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv; \
+		fi; \
+	fi
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
@@ -18,8 +24,8 @@ demo: install
 	$(BIN)/poproxy demo -c config/demo.yaml
 
 check: install
-	$(BIN)/ruff format --check poproxy tests bench
-	$(BIN)/ruff check poproxy tests bench
+	$(BIN)/ruff format --check poproxy tests
+	$(BIN)/ruff check poproxy tests
 	$(BIN)/mypy
 
 # The interop tests run a real Dovecot and real clients (curl, openssl).

@@ -119,10 +119,9 @@ class Pool:
         status, line = await self._status_line(channel, lines)
         if not status.ok:
             raise LoginRejected(status.code)
-        assert channel.transport is not None
         return BackendConnection(
             channel=channel,
-            transport=channel.transport,
+            transport=channel.connected(),
             server=server,
             reply=line + CRLF,
             pending=lines.take_pending() + channel.take(),

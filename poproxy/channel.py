@@ -41,7 +41,7 @@ class Channel(asyncio.Protocol):
             # Memory stays bounded: the coroutine resumes reading when it
             # has taken the bytes.
             self._reading_paused = True
-            self._transport().pause_reading()
+            self.connected().pause_reading()
         _wake(self._readable)
 
     def eof_received(self) -> bool:
@@ -77,7 +77,7 @@ class Channel(asyncio.Protocol):
         """
         if self._reading_paused and not self.closed:
             self._reading_paused = False
-            self._transport().resume_reading()
+            self.connected().resume_reading()
         while not self._buffer and not self.closed:
             self._readable = asyncio.get_running_loop().create_future()
             try:
@@ -96,7 +96,7 @@ class Channel(asyncio.Protocol):
         """Stop reading until the next `read()` or `switch_transport()`."""
         if not self._reading_paused and not self.closed:
             self._reading_paused = True
-            self._transport().pause_reading()
+            self.connected().pause_reading()
 
     def switch_transport(self, transport: asyncio.Transport) -> None:
         """TLS is on: from now on the bytes come, decrypted, through `transport`."""
@@ -105,8 +105,9 @@ class Channel(asyncio.Protocol):
         self._writing_paused = False
 
     def write(self, data: bytes) -> None:
-        if not self.closed:
-            self._transport().write(data)
+        transport = self.connected()
+        if not self.closed and not transport.is_closing():
+            transport.write(data)
 
     async def drain(self) -> None:
         """Wait while the transport's write buffer is above its high-water mark."""
@@ -117,8 +118,10 @@ class Channel(asyncio.Protocol):
             finally:
                 self._drained = None
 
-    def _transport(self) -> asyncio.Transport:
-        assert self.transport is not None, "Channel used before connection_made"
+    def connected(self) -> asyncio.Transport:
+        """The transport; only valid once asyncio has connected the channel."""
+        if self.transport is None:
+            raise RuntimeError("Channel used before connection_made")
         return self.transport
 
 

@@ -20,6 +20,7 @@ import yaml
 SECONDS = 1.0
 MINUTES = 60 * SECONDS
 
+
 class ConfigError(Exception):
     """The configuration is invalid; the message is one line fit for the operator."""
 
@@ -247,7 +248,7 @@ def _unique(node: _Node, names: list[str]) -> None:
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?$")
 _UNITS = {"ms": 0.001, "s": SECONDS, "m": MINUTES, "h": 60 * MINUTES, None: SECONDS}
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _MISSING = object()
 
 
@@ -297,12 +298,14 @@ class _Node:
 
     def name(self) -> str:
         value = self.string()
-        if not _NAME.match(value):
+        if not _NAME.fullmatch(value):
             self.fail(f"invalid name {value!r} (letters, digits, '_', '.', '-')")
         return value
 
     def choice(self, choices: tuple[str, ...]) -> str:
         value = self.value
+        if isinstance(value, float | int) and not isinstance(value, bool):
+            value = str(value)  # `min_version: 1.3` unquoted is a YAML number
         if value not in choices:
             self.fail(f"must be one of {', '.join(choices)} (got {value!r})")
         return cast(str, value)
@@ -332,7 +335,7 @@ class _Node:
     def address(self, default_port: int | None) -> Address:
         """`host:port`, `[v6]:port`, or a bare host when a default port exists."""
         text = self.string().strip()
-        bracketed = re.match(r"^\[([^\]]+)\](?::(\d+))?$", text)
+        bracketed = re.fullmatch(r"\[([^\]]+)\](?::([^:]*))?", text)
         if bracketed:
             host, port_text = bracketed.group(1), bracketed.group(2)
         elif text.count(":") == 1:
@@ -345,7 +348,9 @@ class _Node:
             if default_port is None:
                 self.fail(f"{text!r} has no port (use host:port)")
             port_text = str(default_port)
-        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        if not re.fullmatch(r"[0-9]{1,5}", port_text):
+            self.fail(f"invalid port {port_text!r}")
+        if not 0 <= int(port_text) <= 65535:
             self.fail(f"port {port_text} out of range")
         if not host or not _valid_host(host):
             self.fail(f"invalid host {host!r}")
@@ -356,7 +361,7 @@ def _valid_host(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        return re.match(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$", host) is not None
+        return re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}", host) is not None
     return True
 
 

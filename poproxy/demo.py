@@ -368,9 +368,7 @@ async def run_demo(
             await backend.stop()
 
 
-def _instructions(
-    settings: config.Config, addresses: dict[str, tuple[str, int]], ca: Path
-) -> str:
+def _instructions(settings: config.Config, addresses: dict[str, tuple[str, int]], ca: Path) -> str:
     user, password = DEMO_USER.decode(), DEMO_PASSWORD.decode()
     lines = [f"poproxy demo: user {user}, password {password}, {len(SAMPLE_MESSAGES)} messages."]
     for listener in settings.listeners:

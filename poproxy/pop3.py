@@ -90,8 +90,11 @@ class Command:
         # RFC 1939 section 3: keyword, then arguments separated by single
         # spaces. PASS keeps everything after the first space (section 7: a
         # password may contain spaces), so split only once.
-        verb, _, argument = line.partition(b" ")
-        return cls(verb.upper(), argument)
+        # A tab separates too: otherwise "PASS\tsecret" would be one verb,
+        # and the redaction below would not recognise it.
+        separators = [index for index in (line.find(b" "), line.find(b"\t")) if index >= 0]
+        end = min(separators, default=len(line))
+        return cls(line[:end].upper(), line[end + 1 :])
 
     @property
     def arguments(self) -> list[bytes]:
@@ -100,7 +103,13 @@ class Command:
     def __repr__(self) -> str:
         verb = self.verb.decode("ascii", "replace")
         if self.verb in SECRET_VERBS:
-            shown = self.arguments[0].decode("ascii", "replace") if self.verb == b"AUTH" else ""
+            arguments = self.arguments
+            # AUTH shows its mechanism, never the initial response.
+            shown = (
+                arguments[0].decode("ascii", "replace")
+                if self.verb == b"AUTH" and arguments
+                else ""
+            )
             return f"Command({verb} {shown}***)" if shown else f"Command({verb} ***)"
         argument = self.argument.decode("ascii", "replace")
         return f"Command({verb} {argument})" if argument else f"Command({verb})"

@@ -45,7 +45,8 @@ class _Side(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.count += len(data)
         self.relay.last_activity = self.relay.loop.time()
-        self.peer.write(data)
+        if not self.peer.is_closing():  # the peer's loss is reported in a moment
+            self.peer.write(data)
 
     def eof_received(self) -> bool:
         return False  # close: POP3 does not half-close
@@ -110,8 +111,8 @@ class Relay:
 
     async def wait(self) -> RelayResult:
         await asyncio.shield(self._done)
-        assert self.end is not None
-        return RelayResult(self.end, self.client.count, self.backend.count)
+        end = self.end or RelayEnd.ABORTED  # always set before _done; typed for mypy
+        return RelayResult(end, self.client.count, self.backend.count)
 
     def abort(self) -> None:
         """Cut both sides now, sending nothing (shutdown grace period over)."""

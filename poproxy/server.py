@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import socket
 import ssl
 from dataclasses import dataclass, field
@@ -66,7 +67,7 @@ class Proxy:
                 sock = await _bind(listener.listen)
             except OSError as exc:
                 self._close_listeners()
-                reason = exc.strerror or str(exc)
+                reason = os.strerror(exc.errno) if exc.errno else str(exc)
                 raise ListenError(
                     f"{self.config.source}: listeners[{index}].listen: cannot listen on"
                     f" {listener.listen}: {reason}"

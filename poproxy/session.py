@@ -26,8 +26,8 @@ from poproxy import config
 from poproxy.backends import BackendConnection, Backends, BackendUnavailable, LoginRejected
 from poproxy.channel import Channel
 from poproxy.policy import (
-    Close,
     ClientPolicy,
+    Close,
     CloseReason,
     Login,
     Phase,
@@ -285,8 +285,7 @@ class Session:
         await self._start_tls()
 
     async def _start_tls(self) -> None:
-        transport = self.channel.transport
-        assert transport is not None
+        transport = self.channel.connected()
         loop = asyncio.get_running_loop()
         self.handshaking = True
         try:
@@ -345,8 +344,7 @@ class Session:
     # --- TRANSACTION --------------------------------------------------------
 
     async def _transaction_phase(self, backend: BackendConnection) -> str:
-        client = self.channel.transport
-        assert client is not None
+        client = self.channel.connected()
         # The backend's +OK is the answer to the client's PASS or AUTH.
         if not self.channel.closed:
             self.channel.write(backend.reply)
@@ -387,4 +385,3 @@ class Session:
             detail,
             time.monotonic() - self.started,
         )
-
