@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from poproxy import config
 from poproxy.channel import Channel
+from poproxy.metrics import Metrics
 from poproxy.pop3 import CRLF, LineBuffer, LineTooLong, ResponseCode, Status
 
 log = logging.getLogger("poproxy.backends")
@@ -48,6 +49,7 @@ class BackendConnection:
 
     channel: Channel
     transport: asyncio.Transport
+    backend: str  # the configured backend's name
     server: config.Address
     reply: bytes  # the backend's +OK to PASS, passed on to the client
     pending: bytes  # bytes the backend sent after that line (normally none)
@@ -56,9 +58,13 @@ class BackendConnection:
 class Pool:
     """The servers of one configured backend, tried in round-robin order."""
 
-    def __init__(self, backend: config.Backend) -> None:
+    def __init__(self, backend: config.Backend, metrics: Metrics) -> None:
         self.backend = backend
         self.name = backend.name
+        self.metrics = metrics
+        # Whether the last attempt to use each server worked (passive health):
+        # a configured server counts as usable until it fails.
+        self.usable = dict.fromkeys(backend.servers, True)
         self._next = itertools.cycle(range(len(backend.servers)))
 
     def servers_in_order(self) -> list[config.Address]:
@@ -78,23 +84,60 @@ class Pool:
                 channel = await self._connect(server)
             except _Unusable as exc:
                 log.warning("backend %s server %s unusable: %s", self.name, server, exc)
+                self._mark(server, usable=False)
                 continue
             try:
-                return await self._login(channel, server, user, password)
+                connection = await self._login(channel, server, user, password)
             except _Unusable as exc:
                 log.warning("backend %s server %s failed during login: %s", self.name, server, exc)
+                self._mark(server, usable=False)
                 _close(channel)
                 continue
             except LoginRejected:
+                self._mark(server, usable=True)
                 _end_authorization(channel)
                 raise
             except BaseException:
                 _abort(channel)
                 raise
+            self._mark(server, usable=True)
+            return connection
         raise BackendUnavailable(f"no server of backend {self.name} is usable")
+
+    async def recheck(self) -> None:
+        """Probe each server marked unusable: a +OK greeting makes it usable again.
+
+        The probe ends with QUIT in AUTHORIZATION state, which commits
+        nothing (RFC 1939 section 6).
+        """
+        for server in [server for server, usable in self.usable.items() if not usable]:
+            try:
+                channel = await self._connect(server)
+            except _Unusable:
+                continue
+            try:
+                greeting = await self._status(channel, LineBuffer(MAX_REPLY_LINE))
+            except _Unusable:
+                _close(channel)
+                continue
+            _end_authorization(channel)
+            if greeting.ok:
+                log.info("backend %s server %s is usable again", self.name, server)
+                self._mark(server, usable=True)
+
+    @property
+    def has_usable_server(self) -> bool:
+        return any(self.usable.values())
+
+    def _mark(self, server: config.Address, *, usable: bool) -> None:
+        self.usable[server] = usable
+        self.metrics.backend_up.labels(self.name, str(server)).set(1 if usable else 0)
+        if not usable:
+            self.metrics.backend_connect_failures.labels(self.name, str(server)).inc()
 
     async def _connect(self, server: config.Address) -> Channel:
         loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
             async with asyncio.timeout(self.backend.connect_timeout):
                 _, channel = await loop.create_connection(Channel, server.host, server.port)
@@ -102,6 +145,7 @@ class Pool:
             raise _Unusable("connect timeout") from None
         except OSError as exc:
             raise _Unusable(exc.strerror or str(exc)) from None
+        self.metrics.backend_connect_duration.labels(self.name).observe(loop.time() - started)
         return channel
 
     async def _login(
@@ -122,6 +166,7 @@ class Pool:
         return BackendConnection(
             channel=channel,
             transport=channel.connected(),
+            backend=self.name,
             server=server,
             reply=line + CRLF,
             pending=lines.take_pending() + channel.take(),
@@ -156,9 +201,14 @@ class Pool:
 class Backends:
     """Every configured backend, and which one serves a user."""
 
-    def __init__(self, backends: tuple[config.Backend, ...]) -> None:
-        self.pools = {backend.name: Pool(backend) for backend in backends}
+    def __init__(self, backends: tuple[config.Backend, ...], metrics: Metrics) -> None:
+        self.pools = {backend.name: Pool(backend, metrics) for backend in backends}
         self._default = self.pools[backends[0].name]
+
+    @property
+    def all_usable(self) -> bool:
+        """Every backend has at least one server that worked last time (or is untried)."""
+        return all(pool.has_usable_server for pool in self.pools.values())
 
     def route(self, user: bytes) -> Pool:
         # Until per-user routes exist every user goes to the first backend.

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import uvloop
 
-from poproxy import __version__, config, tls
+from poproxy import __version__, config, logs, tls
+from poproxy.metrics import Metrics
 from poproxy.server import ListenError, Proxy, serve
 
 EXIT_USAGE = 2  # bad configuration, certificate or listen address
@@ -44,13 +45,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return check_config(arguments.config)
             case "run":
                 settings = config.load(arguments.config)
-                _setup_logging(settings.log.level)
+                logs.setup(settings.log.level, settings.log.format)
                 context = tls.server_context(settings.tls, settings.source)
-                return _run_until_signal(lambda stop: serve(Proxy(settings, context), stop))
+                proxy = Proxy(settings, context, Metrics())
+                return _run_until_signal(lambda stop: serve(proxy, stop))
             case "demo":
                 from poproxy import demo  # only the demo needs its sample data
 
-                _setup_logging("info")
+                logs.setup("info", "logfmt")
                 return _run_until_signal(lambda stop: demo.run_demo(arguments.config, stop))
     except (config.ConfigError, tls.CertificateError, ListenError) as exc:
         print(f"poproxy: {exc}", file=sys.stderr)
@@ -94,11 +96,3 @@ def _run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> int:
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner_:
         runner_.run(runner())
     return 0
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )

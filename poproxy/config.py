@@ -77,6 +77,13 @@ class Limits:
 @dataclass(frozen=True)
 class LogSettings:
     level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["logfmt", "json"] = "logfmt"
+    user: Literal["plain", "hash", "omit"] = "plain"  # how session lines show user names
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    listen: Address  # /metrics, /healthz, /readyz
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,7 @@ class Config:
     backends: tuple[Backend, ...]
     limits: Limits = field(default_factory=Limits)
     log: LogSettings = field(default_factory=LogSettings)
+    metrics: MetricsSettings | None = None
     source: str = "<config>"
 
 
@@ -117,7 +125,7 @@ def parse(text: str, *, source: str = "<config>", base: Path | None = None) -> C
 
 
 def _config(root: _Node, base: Path) -> Config:
-    mapping = root.mapping({"listeners", "tls", "backends", "limits", "log"})
+    mapping = root.mapping({"listeners", "tls", "backends", "limits", "log", "metrics"})
     listeners = tuple(_listener(item) for item in mapping.required("listeners").sequence())
     if not listeners:
         mapping.required("listeners").fail("at least one listener is needed")
@@ -132,6 +140,7 @@ def _config(root: _Node, base: Path) -> Config:
         backends=backends,
         limits=_limits(mapping.optional("limits")),
         log=_log(mapping.optional("log")),
+        metrics=_metrics(mapping.optional("metrics")),
         source=root.source,
     )
 
@@ -228,14 +237,34 @@ def _limits(node: _Node) -> Limits:
 
 
 def _log(node: _Node) -> LogSettings:
+    defaults = LogSettings()
     if not node.present:
-        return LogSettings()
-    mapping = node.mapping({"level"})
-    level = mapping.optional("level")
-    if not level.present:
-        return LogSettings()
-    choice = level.choice(("debug", "info", "warning", "error"))
-    return LogSettings(level=cast(Literal["debug", "info", "warning", "error"], choice))
+        return defaults
+    mapping = node.mapping({"level", "format", "user"})
+    level, format, user = (mapping.optional(key) for key in ("level", "format", "user"))
+    return LogSettings(
+        level=cast(
+            Literal["debug", "info", "warning", "error"],
+            level.choice(("debug", "info", "warning", "error"))
+            if level.present
+            else defaults.level,
+        ),
+        format=cast(
+            Literal["logfmt", "json"],
+            format.choice(("logfmt", "json")) if format.present else defaults.format,
+        ),
+        user=cast(
+            Literal["plain", "hash", "omit"],
+            user.choice(("plain", "hash", "omit")) if user.present else defaults.user,
+        ),
+    )
+
+
+def _metrics(node: _Node) -> MetricsSettings | None:
+    if not node.present:
+        return None
+    mapping = node.mapping({"listen"})
+    return MetricsSettings(listen=mapping.required("listen").address(default_port=None))
 
 
 def _unique(node: _Node, names: list[str]) -> None:

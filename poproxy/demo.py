@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from poproxy import config, tls
+from poproxy.metrics import Metrics
 from poproxy.server import Proxy
 
 SAMPLE_MESSAGES: tuple[bytes, ...] = (
@@ -358,7 +359,7 @@ async def run_demo(
     with tempfile.TemporaryDirectory(prefix="poproxy-demo-") as directory:
         certificate = make_certificate(Path(directory))
         settings = demo_settings(path, certificate, config.Address(host, port))
-        proxy = Proxy(settings, tls.server_context(settings.tls, settings.source))
+        proxy = Proxy(settings, tls.server_context(settings.tls, settings.source), Metrics())
         try:
             await proxy.start()
             out(_instructions(settings, proxy.addresses, certificate.cert))

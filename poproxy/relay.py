@@ -30,6 +30,7 @@ class RelayResult:
     end: RelayEnd
     client_to_backend: int
     backend_to_client: int
+    client_quit: bool  # the client's last bytes were a QUIT command
 
 
 class _Side(asyncio.Protocol):
@@ -41,9 +42,11 @@ class _Side(asyncio.Protocol):
         self.peer = peer
         self.count = 0
         self.lost = False
+        self.last = b""  # the latest chunk, to see whether the session ended with QUIT
 
     def data_received(self, data: bytes) -> None:
         self.count += len(data)
+        self.last = data
         self.relay.last_activity = self.relay.loop.time()
         if not self.peer.is_closing():  # the peer's loss is reported in a moment
             self.peer.write(data)
@@ -112,7 +115,12 @@ class Relay:
     async def wait(self) -> RelayResult:
         await asyncio.shield(self._done)
         end = self.end or RelayEnd.ABORTED  # always set before _done; typed for mypy
-        return RelayResult(end, self.client.count, self.backend.count)
+        # Only the end of the last chunk is looked at, once: no per-line work.
+        tail = self.client.last[-7:].upper()
+        client_quit = tail in (b"QUIT\r\n", b"QUIT\n") or tail.endswith(
+            (b"\nQUIT\r\n", b"\nQUIT\n")
+        )
+        return RelayResult(end, self.client.count, self.backend.count, client_quit)
 
     def abort(self) -> None:
         """Cut both sides now, sending nothing (shutdown grace period over)."""

@@ -17,8 +17,10 @@ import socket
 import ssl
 from dataclasses import dataclass, field
 
-from poproxy import config
+from poproxy import config, tls
+from poproxy.admin import AdminServer
 from poproxy.backends import Backends
+from poproxy.metrics import Metrics
 from poproxy.session import Session, SessionContext
 
 log = logging.getLogger("poproxy.server")
@@ -26,6 +28,8 @@ log = logging.getLogger("poproxy.server")
 BACKLOG = 1024
 ACCEPTS_PER_WAKEUP = 64  # accept in bursts, but let sessions run in between
 ACCEPT_PAUSE = 0.5  # seconds without accepting when out of file descriptors
+BACKEND_RECHECK_INTERVAL = 5.0  # seconds between probes of backend servers that failed
+ABORT_TIMEOUT = 5.0  # seconds for aborted sessions to finish after the grace period
 
 
 class ListenError(Exception):
@@ -50,15 +54,34 @@ class Proxy:
 
     config: config.Config
     tls_context: ssl.SSLContext
+    metrics: Metrics
     backends: Backends = field(init=False)
+    admin: AdminServer = field(init=False)
     addresses: dict[str, tuple[str, int]] = field(default_factory=dict)
     sessions: dict[asyncio.Task[None], Session] = field(default_factory=dict)
+    stopping: bool = False
     _listening: list[_Listening] = field(default_factory=list)
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
+    _recheck: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:
-        self.backends = Backends(self.config.backends)
+        self.backends = Backends(self.config.backends, self.metrics)
+        self.admin = AdminServer(self.metrics, self.ready)
+        self.metrics.configure(self.config)
+        self.metrics.ready.set_function(lambda: 1 if self.ready() else 0)
+        for files in self.config.tls.certificates:
+            info = tls.inspect_certificate(files, self.config.source)
+            self.metrics.certificate_expiry.labels(str(files.cert)).set(info.not_after.timestamp())
         self._idle.set()
+
+    async def idle(self) -> None:
+        """Wait until no session is running."""
+        await self._idle.wait()
+
+    def ready(self) -> bool:
+        """Every listener bound, every backend has a usable server, not stopping."""
+        bound = len(self._listening) == len(self.config.listeners)
+        return bound and not self.stopping and self.backends.all_usable
 
     async def start(self) -> None:
         """Bind every listener; on a failure close what was bound and raise ListenError."""
@@ -75,12 +98,25 @@ class Proxy:
             context = SessionContext(
                 listener=listener,
                 limits=self.config.limits,
+                log=self.config.log,
                 tls_context=self.tls_context,
                 backends=self.backends,
+                metrics=self.metrics,
             )
             self._listening.append(_Listening(context, sock))
             self.addresses[listener.name] = sock.getsockname()[:2]
+        if self.config.metrics is not None:
+            try:
+                await self.admin.start(self.config.metrics.listen)
+            except OSError as exc:
+                self._close_listeners()
+                reason = os.strerror(exc.errno) if exc.errno else str(exc)
+                raise ListenError(
+                    f"{self.config.source}: metrics.listen: cannot listen on"
+                    f" {self.config.metrics.listen}: {reason}"
+                ) from None
         loop = asyncio.get_running_loop()
+        self._recheck = loop.create_task(self._recheck_backends())
         for listening in self._listening:
             loop.add_reader(listening.sock.fileno(), self._accept, listening)
             listener = listening.context.listener
@@ -117,6 +153,12 @@ class Proxy:
             ACCEPT_PAUSE, lambda: loop.add_reader(listening.sock.fileno(), self._accept, listening)
         )
 
+    async def _recheck_backends(self) -> None:
+        while True:
+            await asyncio.sleep(BACKEND_RECHECK_INTERVAL)
+            for pool in self.backends.pools.values():
+                await pool.recheck()
+
     def _start_session(self, context: SessionContext, sock: socket.socket, peer: str) -> None:
         session = Session(context, sock, peer)
         task = asyncio.get_running_loop().create_task(session.run())
@@ -134,8 +176,12 @@ class Proxy:
     async def shutdown(self, grace: float | None = None) -> None:
         """The ordered shutdown (DESIGN.md, Decisions: Shutdown)."""
         grace = self.config.limits.shutdown_grace if grace is None else grace
-        # 1. Stop accepting: from now on new clients are refused by the kernel.
+        # 1. Report not ready (load balancers stop sending) and stop accepting:
+        #    from now on new clients are refused by the kernel.
+        self.stopping = True
         self._close_listeners()
+        if self._recheck is not None:
+            self._recheck.cancel()
         # 2. Sessions not logged in get -ERR [SYS/TEMP] and are closed now;
         #    nothing of theirs has reached a backend, so nothing is lost.
         for session in list(self.sessions.values()):
@@ -154,7 +200,9 @@ class Proxy:
         for session in list(self.sessions.values()):
             session.abort()
         if self.sessions:
-            await asyncio.wait(list(self.sessions), timeout=5)
+            await asyncio.wait(list(self.sessions), timeout=ABORT_TIMEOUT)
+        # 5. Last, the operators' endpoint: it answered "not ready" until now.
+        self.admin.close()
 
     def _close_listeners(self) -> None:
         loop = asyncio.get_running_loop()

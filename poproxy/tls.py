@@ -62,6 +62,7 @@ def server_context(settings: TlsSettings, source: str) -> ssl.SSLContext:
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
     context.set_alpn_protocols(ALPN_PROTOCOLS)
+    context.sni_callback = _remember_server_name
     for files in settings.certificates:
         inspect_certificate(files, source)
         try:
@@ -118,6 +119,23 @@ def certificate_names(certificate: x509.Certificate) -> tuple[str, ...]:
     dns = san.get_values_for_type(x509.DNSName)
     addresses = [str(address) for address in san.get_values_for_type(x509.IPAddress)]
     return (*dns, *addresses)
+
+
+_SERVER_NAME = "poproxy_server_name"
+
+
+def _remember_server_name(
+    ssl_object: ssl.SSLObject | ssl.SSLSocket, name: str | None, context: ssl.SSLContext
+) -> None:
+    # The name the client asked for (SNI), kept on the connection for its log line.
+    if name is not None:
+        setattr(ssl_object, _SERVER_NAME, name)
+
+
+def server_name(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> str | None:
+    """The SNI name the client sent, if any."""
+    name = getattr(ssl_object, _SERVER_NAME, None)
+    return name if isinstance(name, str) else None
 
 
 def _reason(exc: OSError | ssl.SSLError) -> str:

@@ -21,6 +21,7 @@ from support.proxy import Certificates, RunningProxy, StartProxy, proxy_config
 
 from poproxy import config, tls
 from poproxy.demo import MailboxServer
+from poproxy.metrics import Metrics
 from poproxy.server import Proxy
 
 
@@ -57,14 +58,20 @@ async def backend() -> AsyncIterator[MailboxServer]:
         yield server
 
 
+@pytest.fixture
+def metrics() -> Metrics:
+    """A fresh registry per test (STYLE rule 12)."""
+    return Metrics()
+
+
 @pytest_asyncio.fixture
-async def start_proxy(certificates: Certificates) -> AsyncIterator[StartProxy]:
+async def start_proxy(certificates: Certificates, metrics: Metrics) -> AsyncIterator[StartProxy]:
     """Start proxies in front of given backend addresses; all are shut down at the end."""
     started: list[Proxy] = []
 
     async def start(backend_servers: list[tuple[str, int]], **limits: Any) -> RunningProxy:
         settings = proxy_config(certificates.files, backend_servers, **limits)
-        proxy = Proxy(settings, tls.server_context(settings.tls, settings.source))
+        proxy = Proxy(settings, tls.server_context(settings.tls, settings.source), metrics)
         await proxy.start()
         started.append(proxy)
         return RunningProxy(proxy)

@@ -305,7 +305,8 @@ ERRORS: list[tuple[str, Callable[[], dict[str, Any]], str]] = [
     (
         "unknown top-level key",
         setting(("listener",), []),
-        "test.yaml: listener: unknown key (expected one of: backends, limits, listeners, log, tls)",
+        "test.yaml: listener: unknown key"
+        " (expected one of: backends, limits, listeners, log, metrics, tls)",
     ),
     (
         "unknown listener key",
@@ -341,7 +342,7 @@ ERRORS: list[tuple[str, Callable[[], dict[str, Any]], str]] = [
     (
         "unknown log key",
         setting(("log", "levle"), "debug"),
-        "test.yaml: log.levle: unknown key (expected one of: level)",
+        "test.yaml: log.levle: unknown key (expected one of: format, level, user)",
     ),
     # Missing required keys.
     (

@@ -48,6 +48,9 @@ def _nested(hint: Any) -> tuple[type[Any], bool] | None:
         return None
     if dataclasses.is_dataclass(hint) and hint is not config.Address:
         return typing.cast(type[Any], hint), False
+    optional = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    if len(optional) == 1 and dataclasses.is_dataclass(optional[0]):
+        return typing.cast(type[Any], optional[0]), False  # an optional section
     return None
 
 

@@ -14,6 +14,7 @@ from support.proxy import Certificates, RunningProxy, proxy_config
 
 from poproxy import config, tls
 from poproxy.demo import SAMPLE_MESSAGES, MailboxServer
+from poproxy.metrics import Metrics
 from poproxy.server import ListenError, Proxy
 
 
@@ -96,7 +97,7 @@ async def test_ipv6_listener(backend: MailboxServer, certificates: Certificates)
     settings = dataclasses.replace(
         settings, listeners=(config.Listener("v6", config.Address("::1", 0), "implicit"),)
     )
-    proxy = Proxy(settings, tls.server_context(settings.tls, settings.source))
+    proxy = Proxy(settings, tls.server_context(settings.tls, settings.source), Metrics())
     try:
         await proxy.start()
     except ListenError:

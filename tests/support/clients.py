@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import poplib
+import socket
 import ssl
+import struct
 from types import TracebackType
 
 TIMEOUT = 5.0  # seconds any single read or connect may take in a test
@@ -74,8 +76,12 @@ class RawClient:
             return await self.reader.read(1) == b""
 
     def reset(self) -> None:
-        """Drop the connection abruptly, as a crashed client would."""
+        """Drop the connection with a TCP reset, as a crashed client's kernel would."""
         transport = self.writer.transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # Linger on, timeout 0: close() sends RST instead of FIN.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         transport.abort()
 
     async def close(self) -> None:

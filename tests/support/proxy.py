@@ -20,9 +20,12 @@ TEST_LIMITS = config.Limits(auth_failure_delay=0.0, shutdown_grace=2.0)
 def proxy_config(
     certificate: config.CertificateFiles,
     backend_servers: list[tuple[str, int]],
+    metrics_listen: tuple[str, int] | None = None,
+    log_user: str = "plain",
     **limits: Any,
 ) -> config.Config:
     """Two listeners on 127.0.0.1 port 0: `pop3s` (implicit TLS) and `pop3` (STLS)."""
+    metrics = config.MetricsSettings(config.Address(*metrics_listen)) if metrics_listen else None
     return config.Config(
         listeners=(
             config.Listener("pop3s", config.Address("127.0.0.1", 0), "implicit"),
@@ -38,6 +41,8 @@ def proxy_config(
             ),
         ),
         limits=dataclasses.replace(TEST_LIMITS, **limits),
+        log=config.LogSettings(user=log_user),  # type: ignore[arg-type]
+        metrics=metrics,
         source="test.yaml",
     )
 
