@@ -35,10 +35,12 @@ interop-deps:
 	[ -x /usr/sbin/dovecot ] || missing="$$missing dovecot-pop3d"; \
 	command -v curl >/dev/null || missing="$$missing curl"; \
 	command -v openssl >/dev/null || missing="$$missing openssl"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	command -v fail2ban-regex >/dev/null || missing="$$missing fail2ban"; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 			echo "installing:$$missing"; \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 		else \
 			echo "missing:$$missing (not root: interop tests that need them will be skipped)"; \
 		fi; \
