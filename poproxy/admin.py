@@ -93,7 +93,7 @@ class _Request(asyncio.Protocol):
         end = self.buffer.find(b"\r\n\r\n")
         if end < 0:
             end = self.buffer.find(b"\n\n")
-        if end < 0:
+        if end < 0 or end > MAX_REQUEST:
             if len(self.buffer) > MAX_REQUEST:
                 self._send("GET", 431, b"request too large\n")
             return

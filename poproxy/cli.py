@@ -20,7 +20,7 @@ import uvloop
 
 from poproxy import __version__, config, logs, tls
 from poproxy.metrics import Metrics
-from poproxy.server import ListenError, Proxy, serve
+from poproxy.server import ListenError, PrivilegeError, Proxy, check_privileges, serve
 
 EXIT_USAGE = 2  # bad configuration, certificate or listen address
 
@@ -45,16 +45,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return check_config(arguments.config)
             case "run":
                 settings = config.load(arguments.config)
+                check_privileges(settings)
                 logs.setup(settings.log.level, settings.log.format)
-                context = tls.server_context(settings.tls, settings.source)
-                proxy = Proxy(settings, context, Metrics())
-                return _run_until_signal(lambda stop: serve(proxy, stop))
+                metrics = Metrics()
+                certificates = tls.CertificateStore(settings.tls, settings.source, metrics)
+                proxy = Proxy(settings, certificates, metrics)
+                return _run_until_signal(lambda stop: serve(proxy, stop, arguments.config))
             case "demo":
                 from poproxy import demo  # only the demo needs its sample data
 
                 logs.setup("info", "logfmt")
                 return _run_until_signal(lambda stop: demo.run_demo(arguments.config, stop))
-    except (config.ConfigError, tls.CertificateError, ListenError) as exc:
+    except (config.ConfigError, tls.CertificateError, ListenError, PrivilegeError) as exc:
         print(f"poproxy: {exc}", file=sys.stderr)
         return EXIT_USAGE
     raise AssertionError(arguments.command)
@@ -64,6 +66,7 @@ def check_config(path: Path) -> int:
     """Validate the file and the certificates it names; print what an operator checks."""
     settings = config.load(path)
     tls.server_context(settings.tls, settings.source)
+    check_privileges(settings)
     now = datetime.datetime.now(datetime.UTC)
     for files in settings.tls.certificates:
         info = tls.inspect_certificate(files, settings.source)

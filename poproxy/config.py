@@ -17,6 +17,9 @@ from typing import Any, Literal, NoReturn, cast
 
 import yaml
 
+from poproxy.auth_http import AuthHttpSettings
+from poproxy.routing import Route, RouteKind, check_rewrite_user, compile_route_pattern
+
 SECONDS = 1.0
 MINUTES = 60 * SECONDS
 
@@ -35,10 +38,26 @@ class Address:
 
 
 @dataclass(frozen=True)
+class InboundProxyProtocol:
+    """A PROXY protocol header is required first, from these networks only."""
+
+    trusted: tuple[str, ...]
+    timeout: float = 3 * SECONDS  # the spec asks for at least 3 s (a TCP retransmit)
+
+
+@dataclass(frozen=True)
 class Listener:
     name: str
     listen: Address
     tls: Literal["implicit", "starttls"]
+    proxy_protocol: InboundProxyProtocol | None = None
+    # implicit: no ClientHello this long after connect means a plaintext
+    # client waiting for a greeting; it is told to turn TLS on. 0 turns it off.
+    plaintext_hint_after: float = 2 * SECONDS
+    # starttls: a ClientHello this soon after connect, before the greeting,
+    # means a client set to TLS on this port; it is served as implicit TLS.
+    # Plaintext clients get their greeting this much later. 0 turns it off.
+    implicit_tls_window: float = 0.2 * SECONDS
 
 
 @dataclass(frozen=True)
@@ -52,6 +71,19 @@ class CertificateFiles:
 class TlsSettings:
     certificates: tuple[CertificateFiles, ...]
     min_version: Literal["1.2", "1.3"] = "1.2"
+    reload_interval: float = 30 * SECONDS  # 0: only on SIGHUP
+    alpn: Literal["strict", "lenient"] = "strict"
+    sni: Literal["strict", "lenient"] = "lenient"
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """Active checks: connect, +OK greeting, CAPA, QUIT (nothing is opened)."""
+
+    interval: float = 5 * SECONDS
+    timeout: float = 2 * SECONDS
+    rise: int = 2  # consecutive good checks before a down server is up again
+    fall: int = 2  # consecutive bad checks before an up server is down
 
 
 @dataclass(frozen=True)
@@ -60,6 +92,17 @@ class Backend:
     servers: tuple[Address, ...]
     connect_timeout: float = 5 * SECONDS
     reply_timeout: float = 30 * SECONDS
+    weights: tuple[int, ...] = ()  # one per server; empty means all 1
+    balance: Literal["round_robin", "least_connections", "user_hash"] = "round_robin"
+    health_check: HealthCheck | None = None  # None: passive health only
+    proxy_protocol: Literal["off", "v1", "v2"] = "off"
+    xclient: Literal["auto", "off"] = "auto"
+    tls: Literal["off", "implicit", "starttls"] = "off"
+    ca: Path | None = None  # verify the backend's certificate with this CA file
+    server_name: str | None = None  # the name to verify; default: the server's host
+
+    def weight(self, index: int) -> int:
+        return self.weights[index] if self.weights else 1
 
 
 @dataclass(frozen=True)
@@ -70,8 +113,12 @@ class Limits:
     max_line: int = 8192
     max_errors: int = 5
     max_auth_failures: int = 3
-    auth_failure_delay: float = 2 * SECONDS
+    auth_failure_delay: float = 2 * SECONDS  # the first failure from an address
+    auth_penalty_max: float = 15 * SECONDS  # repeated failures double the delay up to this
     shutdown_grace: float = 30 * SECONDS
+    max_connections: int = 10_000
+    max_connections_per_ip: int = 100  # an IPv6 /64 counts as one address
+    trusted_networks: tuple[str, ...] = ()  # no per-address cap or penalty growth
 
 
 @dataclass(frozen=True)
@@ -94,6 +141,10 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     log: LogSettings = field(default_factory=LogSettings)
     metrics: MetricsSettings | None = None
+    routes: tuple[Route, ...] = ()  # first match wins; no match: the first backend
+    auth_http: AuthHttpSettings | None = None  # replaces routes when set
+    user: str | None = None  # started as root: drop to this user after binding
+    group: str | None = None
     source: str = "<config>"
 
 
@@ -125,12 +176,25 @@ def parse(text: str, *, source: str = "<config>", base: Path | None = None) -> C
 
 
 def _config(root: _Node, base: Path) -> Config:
-    mapping = root.mapping({"listeners", "tls", "backends", "limits", "log", "metrics"})
+    mapping = root.mapping(
+        {
+            "listeners",
+            "tls",
+            "backends",
+            "limits",
+            "log",
+            "metrics",
+            "routes",
+            "auth_http",
+            "user",
+            "group",
+        }
+    )
     listeners = tuple(_listener(item) for item in mapping.required("listeners").sequence())
     if not listeners:
         mapping.required("listeners").fail("at least one listener is needed")
     _unique(mapping.required("listeners"), [listener.name for listener in listeners])
-    backends = tuple(_backend(item) for item in mapping.required("backends").sequence())
+    backends = tuple(_backend(item, base) for item in mapping.required("backends").sequence())
     if not backends:
         mapping.required("backends").fail("at least one backend is needed")
     _unique(mapping.required("backends"), [backend.name for backend in backends])
@@ -141,12 +205,19 @@ def _config(root: _Node, base: Path) -> Config:
         limits=_limits(mapping.optional("limits")),
         log=_log(mapping.optional("log")),
         metrics=_metrics(mapping.optional("metrics")),
+        routes=_routes(mapping.optional("routes"), base, [backend.name for backend in backends]),
+        auth_http=_auth_http(mapping.optional("auth_http")),
+        user=_account(mapping.optional("user")),
+        group=_account(mapping.optional("group")),
         source=root.source,
     )
 
 
 def _listener(node: _Node) -> Listener:
-    mapping = node.mapping({"name", "listen", "tls"})
+    mapping = node.mapping(
+        {"name", "listen", "tls", "plaintext_hint_after", "implicit_tls_window", "proxy_protocol"}
+    )
+    defaults = Listener("", Address("", 0), "implicit")
     return Listener(
         name=mapping.required("name").name(),
         listen=mapping.required("listen").address(default_port=None),
@@ -154,23 +225,47 @@ def _listener(node: _Node) -> Listener:
             Literal["implicit", "starttls"],
             mapping.required("tls").choice(("implicit", "starttls")),
         ),
+        plaintext_hint_after=mapping.optional("plaintext_hint_after").duration(
+            defaults.plaintext_hint_after, allow_zero=True
+        ),
+        implicit_tls_window=mapping.optional("implicit_tls_window").duration(
+            defaults.implicit_tls_window, allow_zero=True
+        ),
+        proxy_protocol=_inbound_proxy_protocol(mapping.optional("proxy_protocol")),
+    )
+
+
+def _inbound_proxy_protocol(node: _Node) -> InboundProxyProtocol | None:
+    if not node.present:
+        return None
+    mapping = node.mapping({"trusted", "timeout"})
+    trusted = _networks(mapping.required("trusted"))
+    if not trusted:
+        mapping.required("trusted").fail("at least one network is needed")
+    defaults = InboundProxyProtocol(trusted=())
+    return InboundProxyProtocol(
+        trusted=trusted,
+        timeout=mapping.optional("timeout").duration(defaults.timeout),
     )
 
 
 def _tls(node: _Node, base: Path) -> TlsSettings:
-    mapping = node.mapping({"certificates", "min_version"})
+    mapping = node.mapping({"certificates", "min_version", "reload_interval", "alpn", "sni"})
     certificates = tuple(
         _certificate(item, base) for item in mapping.required("certificates").sequence()
     )
     if not certificates:
         mapping.required("certificates").fail("at least one certificate is needed")
-    min_version = mapping.optional("min_version")
+    defaults = TlsSettings(certificates=())
+
     return TlsSettings(
         certificates=certificates,
-        min_version=cast(
-            Literal["1.2", "1.3"],
-            min_version.choice(("1.2", "1.3")) if min_version.present else "1.2",
+        min_version=mapping.choice("min_version", ("1.2", "1.3"), defaults.min_version),
+        reload_interval=mapping.optional("reload_interval").duration(
+            defaults.reload_interval, allow_zero=True
         ),
+        alpn=mapping.choice("alpn", ("strict", "lenient"), defaults.alpn),
+        sni=mapping.choice("sni", ("strict", "lenient"), defaults.sni),
     )
 
 
@@ -183,19 +278,73 @@ def _certificate(node: _Node, base: Path) -> CertificateFiles:
     )
 
 
-def _backend(node: _Node) -> Backend:
-    mapping = node.mapping({"name", "servers", "connect_timeout", "reply_timeout"})
-    servers = tuple(
-        item.address(default_port=110) for item in mapping.required("servers").sequence()
+def _backend(node: _Node, base: Path) -> Backend:
+    mapping = node.mapping(
+        {
+            "name",
+            "servers",
+            "connect_timeout",
+            "reply_timeout",
+            "balance",
+            "health_check",
+            "proxy_protocol",
+            "xclient",
+            "tls",
+            "ca",
+            "server_name",
+        }
     )
+    servers: list[Address] = []
+    weights: list[int] = []
+    for item in mapping.required("servers").sequence():
+        if isinstance(item.value, dict):
+            server = item.mapping({"address", "weight"})
+            servers.append(server.required("address").address(default_port=110))
+            weights.append(server.optional("weight").integer(1, low=1, high=1000))
+        else:
+            servers.append(item.address(default_port=110))
+            weights.append(1)
     if not servers:
         mapping.required("servers").fail("at least one server is needed")
     defaults = Backend(name="", servers=())
+
+    tls = mapping.choice("tls", ("off", "implicit", "starttls"), defaults.tls)
+    ca = mapping.optional("ca")
+    server_name = mapping.optional("server_name")
+    if tls == "off" and (ca.present or server_name.present):
+        (ca if ca.present else server_name).fail("only meaningful with tls: implicit or starttls")
     return Backend(
         name=mapping.required("name").name(),
-        servers=servers,
+        servers=tuple(servers),
         connect_timeout=mapping.optional("connect_timeout").duration(defaults.connect_timeout),
         reply_timeout=mapping.optional("reply_timeout").duration(defaults.reply_timeout),
+        weights=tuple(weights) if any(weight != 1 for weight in weights) else (),
+        balance=mapping.choice(
+            "balance", ("round_robin", "least_connections", "user_hash"), defaults.balance
+        ),
+        health_check=_health_check(mapping.optional("health_check")),
+        proxy_protocol=mapping.choice(
+            "proxy_protocol", ("off", "v1", "v2"), defaults.proxy_protocol
+        ),
+        xclient=mapping.choice("xclient", ("auto", "off"), defaults.xclient),
+        tls=tls,
+        ca=base / ca.string() if ca.present else None,
+        server_name=server_name.string() if server_name.present else None,
+    )
+
+
+def _health_check(node: _Node) -> HealthCheck | None:
+    if not node.present:
+        return None
+    defaults = HealthCheck()
+    if node.value is None:
+        return defaults  # `health_check:` alone turns the defaults on
+    mapping = node.mapping({"interval", "timeout", "rise", "fall"})
+    return HealthCheck(
+        interval=mapping.optional("interval").duration(defaults.interval),
+        timeout=mapping.optional("timeout").duration(defaults.timeout),
+        rise=mapping.optional("rise").integer(defaults.rise, low=1, high=100),
+        fall=mapping.optional("fall").integer(defaults.fall, low=1, high=100),
     )
 
 
@@ -212,7 +361,11 @@ def _limits(node: _Node) -> Limits:
             "max_errors",
             "max_auth_failures",
             "auth_failure_delay",
+            "auth_penalty_max",
             "shutdown_grace",
+            "max_connections",
+            "max_connections_per_ip",
+            "trusted_networks",
         }
     )
     return Limits(
@@ -230,10 +383,107 @@ def _limits(node: _Node) -> Limits:
         auth_failure_delay=mapping.optional("auth_failure_delay").duration(
             defaults.auth_failure_delay, allow_zero=True
         ),
+        auth_penalty_max=mapping.optional("auth_penalty_max").duration(
+            defaults.auth_penalty_max, allow_zero=True
+        ),
         shutdown_grace=mapping.optional("shutdown_grace").duration(
             defaults.shutdown_grace, allow_zero=True
         ),
+        max_connections=mapping.optional("max_connections").integer(
+            defaults.max_connections, low=1
+        ),
+        max_connections_per_ip=mapping.optional("max_connections_per_ip").integer(
+            defaults.max_connections_per_ip, low=1
+        ),
+        trusted_networks=_networks(mapping.optional("trusted_networks")),
     )
+
+
+def _networks(node: _Node) -> tuple[str, ...]:
+    if not node.present:
+        return ()
+    networks = []
+    for item in node.sequence():
+        text = item.string()
+        try:
+            networks.append(str(ipaddress.ip_network(text, strict=False)))
+        except ValueError:
+            item.fail(f"invalid network {text!r} (use e.g. 10.0.0.0/8 or 2001:db8::/32)")
+    return tuple(networks)
+
+
+_ROUTE_KINDS = ("users", "domains", "match", "map_file")
+
+
+def _routes(node: _Node, base: Path, backends: list[str]) -> tuple[Route, ...]:
+    if not node.present:
+        return ()
+    routes = []
+    for item in node.sequence():
+        mapping = item.mapping({*_ROUTE_KINDS, "backend", "rewrite_user"})
+        kinds = [kind for kind in _ROUTE_KINDS if mapping.optional(kind).present]
+        if len(kinds) != 1:
+            item.fail(f"give exactly one of: {', '.join(_ROUTE_KINDS)}")
+        kind = kinds[0]
+        given = mapping.optional(kind)
+        values = pattern = map_file = None
+        if kind in ("users", "domains"):
+            values = tuple(entry.string() for entry in given.sequence())
+            if not values:
+                given.fail("at least one entry is needed")
+        elif kind == "match":
+            pattern = given.string()
+            try:
+                compile_route_pattern(pattern)
+            except ValueError as exc:
+                given.fail(str(exc))
+        else:
+            map_file = base / given.string()
+        backend_node = mapping.optional("backend")
+        backend = backend_node.string() if backend_node.present else None
+        if backend is None and kind != "map_file":
+            mapping.required("backend")
+        if backend is not None and backend not in backends:
+            backend_node.fail(f"unknown backend {backend!r} (backends: {', '.join(backends)})")
+        rewrite_node = mapping.optional("rewrite_user")
+        rewrite = rewrite_node.string() if rewrite_node.present else "none"
+        try:
+            check_rewrite_user(rewrite)
+            routes.append(
+                Route(
+                    kind=cast(RouteKind, kind),
+                    values=values,
+                    pattern=pattern,
+                    map_file=map_file,
+                    backend=backend,
+                    rewrite_user=rewrite,
+                )
+            )
+        except ValueError as exc:
+            (rewrite_node if rewrite_node.present else item).fail(str(exc))
+    return tuple(routes)
+
+
+def _auth_http(node: _Node) -> AuthHttpSettings | None:
+    if not node.present:
+        return None
+    mapping = node.mapping({"url", "timeout"})
+    url = mapping.required("url")
+    try:
+        return AuthHttpSettings(
+            url=url.string(), timeout=mapping.optional("timeout").duration(5 * SECONDS)
+        )
+    except ValueError as exc:
+        url.fail(str(exc).removeprefix("auth_http: "))
+
+
+def _account(node: _Node) -> str | None:
+    if not node.present:
+        return None
+    value = node.string()
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}", value):
+        node.fail(f"invalid user or group name {value!r}")
+    return value
 
 
 def _log(node: _Node) -> LogSettings:
@@ -241,22 +491,10 @@ def _log(node: _Node) -> LogSettings:
     if not node.present:
         return defaults
     mapping = node.mapping({"level", "format", "user"})
-    level, format, user = (mapping.optional(key) for key in ("level", "format", "user"))
     return LogSettings(
-        level=cast(
-            Literal["debug", "info", "warning", "error"],
-            level.choice(("debug", "info", "warning", "error"))
-            if level.present
-            else defaults.level,
-        ),
-        format=cast(
-            Literal["logfmt", "json"],
-            format.choice(("logfmt", "json")) if format.present else defaults.format,
-        ),
-        user=cast(
-            Literal["plain", "hash", "omit"],
-            user.choice(("plain", "hash", "omit")) if user.present else defaults.user,
-        ),
+        level=mapping.choice("level", ("debug", "info", "warning", "error"), defaults.level),
+        format=mapping.choice("format", ("logfmt", "json"), defaults.format),
+        user=mapping.choice("user", ("plain", "hash", "omit"), defaults.user),
     )
 
 
@@ -333,6 +571,8 @@ class _Node:
 
     def choice(self, choices: tuple[str, ...]) -> str:
         value = self.value
+        if value is False and "off" in choices:
+            value = "off"  # YAML 1.1 reads an unquoted `off` as false
         if isinstance(value, float | int) and not isinstance(value, bool):
             value = str(value)  # `min_version: 1.3` unquoted is a YAML number
         if value not in choices:
@@ -398,6 +638,11 @@ class _Mapping:
     def __init__(self, node: _Node, value: Mapping[Any, Any]) -> None:
         self.node = node
         self.value = value
+
+    def choice(self, key: str, choices: tuple[str, ...], default: str) -> Any:
+        """An optional key with a fixed set of values."""
+        node = self.optional(key)
+        return node.choice(choices) if node.present else default
 
     def required(self, key: str) -> _Node:
         if key not in self.value:

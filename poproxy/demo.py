@@ -359,7 +359,9 @@ async def run_demo(
     with tempfile.TemporaryDirectory(prefix="poproxy-demo-") as directory:
         certificate = make_certificate(Path(directory))
         settings = demo_settings(path, certificate, config.Address(host, port))
-        proxy = Proxy(settings, tls.server_context(settings.tls, settings.source), Metrics())
+        metrics = Metrics()
+        certificates = tls.CertificateStore(settings.tls, settings.source, metrics)
+        proxy = Proxy(settings, certificates, metrics)
         try:
             await proxy.start()
             out(_instructions(settings, proxy.addresses, certificate.cert))

@@ -46,37 +46,33 @@ def _timestamp(record: logging.LogRecord) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
+def _fields(formatter: logging.Formatter, record: logging.LogRecord) -> dict[str, Value]:
+    """The record's fields, in the order both formats write them."""
+    fields: dict[str, Value] = {
+        "time": _timestamp(record),
+        "level": record.levelname.lower(),
+        "logger": record.name,
+        "msg": record.getMessage(),
+    }
+    fields.update(getattr(record, FIELDS, {}))
+    if record.exc_info:
+        fields["error"] = formatter.formatException(record.exc_info)
+    return fields
+
+
 class LogfmtFormatter(logging.Formatter):
     """`time=... level=... logger=... msg="..." key=value ...`, one line per record."""
 
     def format(self, record: logging.LogRecord) -> str:
-        fields: dict[str, Value] = {
-            "time": _timestamp(record),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        fields.update(getattr(record, FIELDS, {}))
-        line = " ".join(f"{key}={_logfmt_value(value)}" for key, value in fields.items())
-        if record.exc_info:
-            line += " error=" + _logfmt_value(self.formatException(record.exc_info))
-        return line
+        fields = _fields(self, record)
+        return " ".join(f"{key}={_logfmt_value(value)}" for key, value in fields.items())
 
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line, with the same keys as logfmt."""
 
     def format(self, record: logging.LogRecord) -> str:
-        fields: dict[str, Value] = {
-            "time": _timestamp(record),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        fields.update(getattr(record, FIELDS, {}))
-        if record.exc_info:
-            fields["error"] = self.formatException(record.exc_info)
-        return json.dumps(fields, ensure_ascii=False)
+        return json.dumps(_fields(self, record), ensure_ascii=False)
 
 
 def _logfmt_value(value: Value) -> str:

@@ -26,6 +26,8 @@ class HandshakeResult(enum.Enum):
     SUCCESS = "success"
     FAILURE = "failure"  # a TLS alert, garbage, or a client that went away
     TIMEOUT = "timeout"
+    ALPN_REFUSED = "alpn_refused"  # ALPN offered without "pop3" (tls.alpn: strict)
+    SNI_REFUSED = "sni_refused"  # a name no certificate carries (tls.sni: strict)
 
 
 class LoginResult(enum.Enum):
@@ -58,6 +60,9 @@ class Direction(enum.Enum):
 
 
 REFUSED_COMMANDS = ("USER", "PASS", "APOP", "AUTH")
+CONNECTION_CAPS = ("max_connections", "max_connections_per_ip")
+PLAINTEXT_ON_TLS_PORT = "plaintext_on_tls_port"  # kinds of port mix-up
+TLS_ON_STARTTLS_PORT = "tls_on_starttls_port"
 CERTIFICATE_RELOAD_RESULTS = ("success", "failure")
 
 
@@ -69,6 +74,12 @@ class Metrics:
         r = self.registry
         self.connections = Counter(
             "poproxy_connections", "Client connections accepted.", ["listener"], registry=r
+        )
+        self.connections_refused = Counter(
+            "poproxy_connections_refused",
+            "Client connections refused at accept, by the cap they hit.",
+            ["listener", "reason"],
+            registry=r,
         )
         self.connections_active = Gauge(
             "poproxy_connections_active", "Client connections open now.", ["listener"], registry=r
@@ -107,6 +118,13 @@ class Metrics:
             ["listener"],
             registry=r,
         )
+        self.port_mixups = Counter(
+            "poproxy_port_mixups",
+            "Clients set up for the wrong port: plaintext on a TLS port (told to turn TLS on),"
+            " TLS on a STARTTLS port (served as implicit TLS).",
+            ["listener", "kind"],
+            registry=r,
+        )
         self.plaintext_auth_refused = Counter(
             "poproxy_plaintext_auth_refused",
             "Login commands refused because TLS was not active yet.",
@@ -141,7 +159,8 @@ class Metrics:
         )
         self.backend_connect_failures = Counter(
             "poproxy_backend_connect_failures",
-            "Backend servers that could not be connected to, or did not greet with +OK.",
+            "Backend servers that failed before answering the credentials: no connection,"
+            " no +OK greeting, a timeout or a broken reply.",
             ["backend", "server"],
             registry=r,
         )
@@ -187,9 +206,14 @@ class Metrics:
             name = listener.name
             self.connections.labels(name)
             self.connections_active.labels(name)
+            for cap in CONNECTION_CAPS:
+                self.connections_refused.labels(name, cap)
             for handshake in HandshakeResult:
                 self.tls_handshakes.labels(name, handshake.value)
             self.tls_handshake_duration.labels(name)
+            self.port_mixups.labels(
+                name, PLAINTEXT_ON_TLS_PORT if listener.tls == "implicit" else TLS_ON_STARTTLS_PORT
+            )
             if listener.tls == "starttls":
                 self.starttls.labels(name)
                 self.starttls_injection.labels(name)

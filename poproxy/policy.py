@@ -39,14 +39,23 @@ TRANSACTION_VERBS = frozenset(
 # What CAPA shows once TLS is on (RFC 2449 section 5). The login methods are
 # the proxy's own; the rest are extensions every mainstream POP3 server
 # offers, kept conservative until backends are asked for theirs.
-CAPABILITIES_AFTER_TLS = (
+LOGIN_CAPABILITY_LINES = (
     b"USER",  # RFC 2449 section 6.8
     b"SASL PLAIN LOGIN",  # RFC 5034 section 4, RFC 4616, draft-murchison-sasl-login
+)
+# Used in the proxy's own answers, whatever the backends do.
+OWN_CAPABILITIES = (b"RESP-CODES", b"AUTH-RESP-CODE")  # RFC 2449 section 6.9, RFC 3206 s. 6
+# Until health checks have asked the backends (backends.py), the extensions
+# every mainstream POP3 server offers.
+DEFAULT_EXTENSIONS = (
     b"TOP",
     b"UIDL",
     b"PIPELINING",  # answered in order before login too (RFC 2449 section 6.6)
-    b"RESP-CODES",
-    b"AUTH-RESP-CODE",  # RFC 3206 section 6
+)
+CAPABILITIES_AFTER_TLS = (
+    *LOGIN_CAPABILITY_LINES,
+    *DEFAULT_EXTENSIONS,
+    *OWN_CAPABILITIES,
 )
 
 # Before TLS: STLS and never a way to log in (RFC 2595 section 4: the server
@@ -71,6 +80,12 @@ LOGIN_FAILED = {
     ResponseCode.SYS_TEMP: err("Temporary failure, try again later", ResponseCode.SYS_TEMP),
     ResponseCode.SYS_PERM: err("Mailbox unavailable", ResponseCode.SYS_PERM),
 }
+PLAINTEXT_ON_TLS_PORT = err(
+    "This port needs SSL/TLS (POP3S): turn SSL/TLS on in your mail client,"
+    " or use port 110 with STARTTLS",
+    ResponseCode.SYS_PERM,
+)
+TOO_MANY_CONNECTIONS = err("Too many connections, try again later", ResponseCode.SYS_TEMP)
 SHUTTING_DOWN = err("Server shutting down, try again later", ResponseCode.SYS_TEMP)
 LOGIN_TIMEOUT = err("Login timeout, closing connection")
 LINE_TOO_LONG = err("Line too long, closing connection")
@@ -151,6 +166,8 @@ class Phase(enum.Enum):
 class PolicySettings:
     max_errors: int = 5
     max_auth_failures: int = 3
+    # The extensions every backend server announced; None: not known yet.
+    extensions: tuple[bytes, ...] | None = None
 
 
 class ClientPolicy:
@@ -217,7 +234,11 @@ class ClientPolicy:
         return GREETING
 
     def capabilities(self) -> tuple[bytes, ...]:
-        return CAPABILITIES_AFTER_TLS if self.tls_active else CAPABILITIES_BEFORE_TLS
+        extensions = self.settings.extensions
+        if extensions is None:
+            return CAPABILITIES_AFTER_TLS if self.tls_active else CAPABILITIES_BEFORE_TLS
+        common = (*extensions, *OWN_CAPABILITIES)
+        return (*LOGIN_CAPABILITY_LINES, *common) if self.tls_active else (b"STLS", *common)
 
     def _command(self, command: Command) -> Action:
         verb = command.verb

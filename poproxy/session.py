@@ -4,29 +4,43 @@ Owns: feeding client bytes to the policy and performing its actions, the
 TLS handshake (at once on implicit listeners, after STLS on starttls ones),
 the login timeout, the failed-login delay, the backend login, and handing
 both connections to the relay. Must never let a byte received before TLS be
-read after it (the STLS switch below has no await between discarding and
-starting TLS), never log a credential, and never send a client an
-exception's text.
+read after it (at STLS, reading is paused and the buffers dropped in one
+step; no byte is read again until TLS owns the transport), never log a
+credential, and never send a client an exception's text.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import socket
-import ssl
 import time
-from collections.abc import Awaitable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from poproxy import config, policy, tls
-from poproxy.backends import BackendConnection, Backends, BackendUnavailable, LoginRejected
+from poproxy import config, policy, proxy_protocol, tls
+from poproxy.auth_http import AuthHttpClient, AuthHttpError, AuthRequest
+from poproxy.auth_http import Route as AuthRoute
+from poproxy.backends import (
+    BackendConnection,
+    Backends,
+    BackendUnavailable,
+    ClientInfo,
+    LoginRejected,
+    Pool,
+)
 from poproxy.channel import Channel
+from poproxy.clienthello import MAX_CLIENT_HELLO, ClientHello, Malformed, NeedMore, NotTls
+from poproxy.clienthello import inspect as inspect_client_hello
+from poproxy.limits import AuthPenalty, Networks
 from poproxy.logs import FIELDS, Value, event, show_user
 from poproxy.metrics import (
+    PLAINTEXT_ON_TLS_PORT,
     REFUSED_COMMANDS,
+    TLS_ON_STARTTLS_PORT,
     CloseReason,
     Direction,
     HandshakeResult,
@@ -47,6 +61,14 @@ from poproxy.pop3 import LineBuffer, LineTooLong, ResponseCode
 from poproxy.relay import Relay, RelayEnd
 
 log = logging.getLogger("poproxy.session")
+
+TLS_HANDSHAKE = b"\x16"  # the first byte of every TLS handshake record (RFC 8446 section 5.1)
+# A fatal no_application_protocol alert (RFC 7301 section 3.2), as a TLS 1.2 record.
+ALERT_NO_APPLICATION_PROTOCOL = b"\x15\x03\x03\x00\x02\x02\x78"
+ALERT_UNRECOGNIZED_NAME = b"\x15\x03\x03\x00\x02\x02\x70"  # RFC 6066 section 3
+PEEK_RETRY = 0.005  # seconds between looks at a ClientHello that has partly arrived
+AUTH_HTTP_WAITS = 3  # times an auth_http WAIT is honoured before giving up
+AUTH_HTTP_MAX_WAIT = 10.0  # seconds, whatever Auth-Wait says
 auth_log = logging.getLogger("poproxy.auth")
 
 _session_ids = itertools.count(1)
@@ -104,20 +126,32 @@ class SessionContext:
     listener: config.Listener
     limits: config.Limits
     log: config.LogSettings
-    tls_context: ssl.SSLContext
+    certificates: tls.CertificateStore
     backends: Backends
     metrics: Metrics
+    penalty: AuthPenalty
+    proxy_trusted: Networks  # who may send a PROXY header (listener.proxy_protocol)
+    rekey: Callable[[Session], bool]  # count a session under its PROXY-given address
+    auth_http: AuthHttpClient | None = None  # when set, it decides where logins go
 
 
 class Session:
     """Runs one client connection; `run()` returns when both sides are closed."""
 
-    def __init__(self, context: SessionContext, sock: socket.socket, peer: str) -> None:
+    def __init__(
+        self,
+        context: SessionContext,
+        sock: socket.socket,
+        client: tuple[str, int],
+        connection_key: str,
+    ) -> None:
         self.context = context
         self.limits = context.limits
         self.metrics = context.metrics
         self.sock = sock
-        self.peer = peer
+        self.client = client  # the client's address: a PROXY header may replace it
+        self.connection_key = connection_key  # what the connection caps count it under
+        self.local: tuple[str, int] = sock.getsockname()[:2]
         self.channel = Channel()
         self.id = f"{next(_session_ids):x}"
         self.policy = ClientPolicy(
@@ -125,6 +159,7 @@ class Session:
             settings=PolicySettings(
                 max_errors=self.limits.max_errors,
                 max_auth_failures=self.limits.max_auth_failures,
+                extensions=context.backends.extensions(),
             ),
         )
         self.lines = LineBuffer(self.limits.max_line)
@@ -133,11 +168,18 @@ class Session:
         self.started = time.monotonic()
         self.log = SessionLog(log, self.id)
         self._task: asyncio.Task[None] | None = None
+        self._handed_over = False  # the socket belongs to an asyncio transport now
         self._shutting_down = False
         self._user: bytes | None = None
         self._backend: BackendConnection | None = None
         self._tls: dict[str, Value] = {"tls_version": None, "tls_cipher": None, "sni": None}
         self._relayed = (0, 0)
+        self._attempts = 0  # logins tried (auth_http's Auth-Login-Attempt)
+
+    @property
+    def peer(self) -> str:
+        host, port = self.client
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     @property
     def in_transaction(self) -> bool:
@@ -213,25 +255,181 @@ class Session:
             raise _Ended(CloseReason.TIMEOUT) from None
 
     async def _connect(self) -> None:
-        """Wrap the accepted socket in a transport; on implicit TLS, do the handshake."""
+        """Wrap the accepted socket in a transport; on implicit TLS, do the handshake.
+
+        Before that, the first bytes are peeked at (left in the socket for the
+        TLS layer): they tell a client that speaks TLS from one that waits for
+        a plaintext greeting, and show the ClientHello's ALPN list.
+        """
         loop = asyncio.get_running_loop()
+        listener = self.context.listener
         channel = self.channel
-        if self.context.listener.tls == "starttls":
-            await loop.connect_accepted_socket(lambda: channel, self.sock)
+        self.handshaking = True  # until the transport exists, shutdown cancels us
+        if listener.proxy_protocol is not None:
+            await self._proxy_header(listener.proxy_protocol)
+        if listener.tls == "starttls":
+            window = listener.implicit_tls_window
+            if window > 0 and (await self._peek(1, window))[:1] == TLS_HANDSHAKE:
+                # TLS straight away on the STARTTLS port: serve it as POP3S.
+                self.metrics.port_mixups.labels(listener.name, TLS_ON_STARTTLS_PORT).inc()
+                await self._implicit_tls(hint_after=0)
+            else:
+                self._handed_over = True
+                await loop.connect_accepted_socket(lambda: channel, self.sock)
+                self.handshaking = False
         else:
-            # The protocol is our `channel`, whatever the pair returned says
-            # (uvloop returns its internal TLS protocol there).
-            await self._handshake(
-                loop.connect_accepted_socket(
-                    lambda: channel,
-                    self.sock,
-                    ssl=self.context.tls_context,
-                    ssl_handshake_timeout=self.limits.handshake_timeout,
-                )
-            )
+            await self._implicit_tls(hint_after=listener.plaintext_hint_after)
         if self._shutting_down:
             # Shutdown began while the connection was being set up.
             self._perform_close(self.policy.shutting_down())
+
+    async def _proxy_header(self, settings: config.InboundProxyProtocol) -> None:
+        """Read the PROXY protocol header a trusted load balancer sends first.
+
+        The spec (haproxy proxy-protocol.txt, section 2) wants it required,
+        never guessed, and taken only from trusted peers: anything else is
+        closed before a byte of POP3 or TLS is read.
+        """
+        if self.client[0] not in self.context.proxy_trusted:
+            self.log.warning("PROXY header expected from %s, not trusted: closed", self.peer)
+            raise _Ended(CloseReason.PROTOCOL_ERROR)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settings.timeout
+        size = 8
+        while True:
+            data = await self._peek(size, deadline - loop.time())
+            header = proxy_protocol.parse(data)
+            if isinstance(header, proxy_protocol.Header):
+                break
+            if isinstance(header, proxy_protocol.Invalid) or len(data) < size:
+                self.log.info("bad or missing PROXY header from %s: closed", self.peer)
+                raise _Ended(CloseReason.PROTOCOL_ERROR)
+            size = max(header.size, len(data) + 1)
+        self.sock.recv(header.length)  # exactly the header: what follows is the client's
+        if header.source is not None and header.destination is not None:
+            self.client, self.local = header.source, header.destination
+            if not self.context.rekey(self):
+                self.log.info("connection cap reached for %s (PROXY header)", self.peer)
+                raise _Ended(CloseReason.PROTOCOL_ERROR)
+
+    async def _implicit_tls(self, hint_after: float) -> None:
+        loop = asyncio.get_running_loop()
+        listener = self.context.listener
+        first = await self._peek(1, hint_after or self.limits.handshake_timeout)
+        if hint_after and first[:1] != TLS_HANDSHAKE:
+            # Nothing (a client waiting for a greeting) or plaintext: a mail
+            # client set up without SSL/TLS. Tell its user, in words it shows.
+            self.metrics.port_mixups.labels(listener.name, PLAINTEXT_ON_TLS_PORT).inc()
+            self.log.info(
+                "plaintext client %s on TLS port %s: told to use TLS", self.peer, listener.name
+            )
+            with contextlib.suppress(OSError):
+                self.sock.send(policy.PLAINTEXT_ON_TLS_PORT)
+            raise _Ended(CloseReason.TLS_ERROR)
+        await self._check_client_hello(lambda data: self.sock.send(data))
+        channel = self.channel
+        self._handed_over = True
+        # The protocol is our `channel`, whatever the pair returned says
+        # (uvloop returns its internal TLS protocol there).
+        await self._handshake(
+            loop.connect_accepted_socket(
+                lambda: channel,
+                self.sock,
+                ssl=self.context.certificates.current,
+                ssl_handshake_timeout=self.limits.handshake_timeout,
+            )
+        )
+
+    async def _check_client_hello(self, send: Callable[[bytes], object]) -> None:
+        """Refuse what the TLS policy refuses, with the alert RFC 9325 names.
+
+        ALPN (ALPACA; RFC 9325 section 3.8, RFC 7301 section 3.2): a list
+        without "pop3" is refused under `tls.alpn: strict`; Python's ssl module
+        would only decline to pick one. SNI (RFC 9325 section 3.7): a name no
+        certificate carries is refused under `tls.sni: strict`. The ClientHello
+        is peeked at, left in the socket for the TLS layer.
+        """
+        settings = self.context.certificates.settings
+        if settings.alpn != "strict" and settings.sni != "strict":
+            return
+        hello = await self._client_hello()
+        if not isinstance(hello, ClientHello):
+            return  # the TLS layer rejects what is not a ClientHello
+        alert = None
+        if settings.alpn == "strict" and hello.alpn is not None and "pop3" not in hello.alpn:
+            # No ALPN at all is fine: most mail clients send none.
+            alert, why, result = ALERT_NO_APPLICATION_PROTOCOL, "ALPN", HandshakeResult.ALPN_REFUSED
+        elif (
+            settings.sni == "strict"
+            and hello.server_name is not None
+            and self.context.certificates.certificates.select(hello.server_name) is None
+        ):
+            alert, why, result = ALERT_UNRECOGNIZED_NAME, "SNI", HandshakeResult.SNI_REFUSED
+        if alert is None:
+            return
+        listener = self.context.listener.name
+        self.metrics.tls_handshakes.labels(listener, result.value).inc()
+        self.log.info("refused TLS from %s: %s not served here", self.peer, why)
+        with contextlib.suppress(OSError):
+            send(alert)
+        raise _Ended(CloseReason.TLS_ERROR)
+
+    async def _client_hello(self) -> NeedMore | NotTls | Malformed | ClientHello:
+        """Peek until the ClientHello is complete, or the handshake time is up."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.limits.handshake_timeout
+        size = 5  # a record header first
+        while True:
+            data = await self._peek(size, deadline - loop.time())
+            result = inspect_client_hello(data)
+            if not isinstance(result, NeedMore) or len(data) < size:
+                return result  # decided, or the time is up
+            size = max(result.size, len(data) + 1)
+
+    async def _peek(self, size: int, within: float) -> bytes:
+        """Up to `size` bytes waiting in the socket, not consumed; waits at most `within` s.
+
+        Returns fewer bytes when the time is up first; b"" when nothing came.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while True:
+            try:
+                data = self.sock.recv(size, socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                data = b""
+            except OSError:
+                raise _Ended(CloseReason.CLIENT_RESET) from None
+            else:
+                if not data:
+                    raise _Ended(CloseReason.CLIENT_CLOSED)
+            remaining = deadline - loop.time()
+            if len(data) >= size or remaining <= 0:
+                return data
+            if data:
+                # Part of it is there and the socket stays readable: a
+                # readiness wait would spin, so give the rest a moment.
+                await asyncio.sleep(min(PEEK_RETRY, remaining))
+            else:
+                await self._readable(remaining)
+
+    async def _readable(self, within: float) -> None:
+        loop = asyncio.get_running_loop()
+        fd = self.sock.fileno()
+        readable = loop.create_future()
+        try:
+            loop.add_reader(fd, readable.set_result, None)
+        except RuntimeError:
+            # uvloop refuses readers on a socket its transport owns (after STLS).
+            await asyncio.sleep(min(PEEK_RETRY, within))
+            return
+        try:
+            async with asyncio.timeout(within):
+                await readable
+        except TimeoutError:
+            pass
+        finally:
+            loop.remove_reader(fd)
 
     async def _handshake(self, handshake: Awaitable[object]) -> None:
         """Run a TLS handshake, count it, and note what it negotiated."""
@@ -241,12 +439,16 @@ class Session:
         try:
             await handshake
         except (OSError, EOFError) as exc:
-            timed_out = "taking longer than" in str(exc)  # asyncio's and uvloop's wording
+            timed_out = time.monotonic() - started >= self.limits.handshake_timeout
             result = HandshakeResult.TIMEOUT if timed_out else HandshakeResult.FAILURE
             self.metrics.tls_handshakes.labels(listener, result.value).inc()
             # Scanners fail handshakes all day: debug level, no traceback.
             self.log.debug("TLS handshake with %s failed: %s", self.peer, exc)
             raise _Ended(CloseReason.TLS_ERROR) from None
+        except asyncio.CancelledError:
+            # Cut by the login timeout or by shutdown: it did not complete.
+            self.metrics.tls_handshakes.labels(listener, HandshakeResult.TIMEOUT.value).inc()
+            raise
         finally:
             self.handshaking = False
             self.metrics.tls_handshake_duration.labels(listener).observe(time.monotonic() - started)
@@ -314,9 +516,10 @@ class Session:
     async def _starttls(self, action: StartTls) -> None:
         # RFC 2595 section 4 and CVE-2011-0411: bytes that came after the STLS
         # line were sent in plaintext and must never be read as commands. Stop
-        # reading, drop everything buffered, answer, and hand the transport to
-        # TLS, with no await in between: nothing can arrive in the gap, and what
-        # arrives later goes into the TLS layer (where it breaks the handshake).
+        # reading and drop everything buffered in one step (no await between
+        # them), answer, and keep reading paused until TLS owns the transport:
+        # what arrives meanwhile stays in the socket for the TLS layer (where
+        # plaintext breaks the handshake). The ClientHello peek only looks.
         self.channel.pause_reading()
         dropped = self.lines.take_pending() + self.channel.take()
         listener = self.context.listener.name
@@ -330,6 +533,10 @@ class Session:
                 self.peer,
             )
         self.channel.write(action.reply)
+        # Reading stays paused until TLS owns the transport: the peek below
+        # looks at the ClientHello in the socket without taking any byte.
+        self.handshaking = True  # no plaintext reply may follow the +OK now
+        await self._check_client_hello(self.channel.connected().write)
         await self._start_tls()
 
     async def _start_tls(self) -> None:
@@ -338,7 +545,7 @@ class Session:
         upgrade = loop.start_tls(
             transport,
             self.channel,
-            self.context.tls_context,
+            self.context.certificates.current,
             server_side=True,
             ssl_handshake_timeout=self.limits.handshake_timeout,
         )
@@ -358,15 +565,17 @@ class Session:
     async def _login(self, login: Login) -> BackendConnection | None:
         """Log in to a backend; None when refused (the client may try again)."""
         self._user = login.user
-        pool = self.context.backends.route(login.user)
+        self._attempts += 1
         code: ResponseCode | None
         try:
-            backend = await pool.login(login.user, login.password)
+            pool, only, user, password = await self._route(login)
+            client = ClientInfo(source=self.client, destination=self.local)
+            backend = await pool.login(user, password, client, only)
         except LoginRejected as rejected:
             code = rejected.code
             result = _LOGIN_RESULTS.get(code, LoginResult.AUTH_FAILED)
-        except BackendUnavailable:
-            self.log.warning("backend %s unavailable for a login from %s", pool.name, self.peer)
+        except BackendUnavailable as exc:
+            self.log.warning("%s, for a login from %s", exc, self.peer)
             code = ResponseCode.SYS_TEMP
             result = LoginResult.BACKEND_UNAVAILABLE
         else:
@@ -378,7 +587,10 @@ class Session:
         self._log_failed_login(result)
         if result is LoginResult.AUTH_FAILED:
             # Slows down guessing; unknown user and wrong password wait alike.
-            await asyncio.sleep(self.limits.auth_failure_delay)
+            # The delay grows per address (limits.py); only this session waits.
+            now = asyncio.get_running_loop().time()
+            delay = self.context.penalty.failed(self.client[0], login.user, login.password, now)
+            await asyncio.sleep(delay)
         match self.policy.login_failed(code):
             case Close() as close:
                 self._perform_close(close)
@@ -386,13 +598,49 @@ class Session:
                 self.channel.write(reply.data)
         return None
 
+    async def _route(self, login: Login) -> tuple[Pool, config.Address | None, bytes, bytes]:
+        """Which pool (and maybe which server) serves this login, and with what credentials.
+
+        With `auth_http` the operator's service decides (nginx's protocol);
+        else the configured routes do.
+        """
+        auth = self.context.auth_http
+        if auth is None:
+            pool, only, user = self.context.backends.route(login.user)
+            return pool, only, user, login.password
+        ssl_object = self.channel.connected().get_extra_info("ssl_object")
+        request = AuthRequest(
+            user=login.user,
+            password=login.password,
+            attempt=self._attempts,
+            client_ip=self.client[0],
+            tls=ssl_object is not None,
+            tls_protocol=self._tls["tls_version"] if ssl_object else None,  # type: ignore[arg-type]
+            tls_cipher=self._tls["tls_cipher"] if ssl_object else None,  # type: ignore[arg-type]
+        )
+        for _ in range(AUTH_HTTP_WAITS):
+            try:
+                answer = await auth.ask(request)
+            except AuthHttpError as exc:
+                self.log.warning("auth_http failed: %s", exc)
+                raise BackendUnavailable("auth_http unavailable") from None
+            if isinstance(answer, AuthRoute):
+                server = config.Address(answer.server, answer.port)
+                user = answer.user if answer.user is not None else login.user
+                password = answer.password if answer.password is not None else login.password
+                return self.context.backends.direct(server), server, user, password
+            if not answer.ask_again:
+                raise LoginRejected(ResponseCode.AUTH)
+            # Auth-Status: WAIT: ask again later, within reason.
+            await asyncio.sleep(min(answer.wait or 1.0, AUTH_HTTP_MAX_WAIT))
+        raise BackendUnavailable("auth_http kept answering WAIT")
+
     def _log_failed_login(self, result: LoginResult) -> None:
         # A stable line with the real client address: backends only ever see
         # the proxy's, so fail2ban and friends must read this one.
-        client, _, port = self.peer.rpartition(":")
         fields: dict[str, Value] = {
-            "client": client.strip("[]"),
-            "client_port": int(port) if port.isdigit() else None,
+            "client": self.client[0],
+            "client_port": self.client[1],
             "listener": self.context.listener.name,
             "user": show_user(self._user, self.context.log.user),
             "result": result.value,
@@ -427,24 +675,33 @@ class Session:
     def _close_client(self) -> None:
         if self.channel.transport is not None:
             self.channel.transport.close()
+        elif not self._handed_over:
+            # Take what the client sent, so that closing sends a FIN and not
+            # a reset that could destroy a reply before it is read.
+            with contextlib.suppress(OSError):
+                self.sock.recv(MAX_CLIENT_HELLO)
+            self.sock.close()
 
     def _abort_client(self) -> None:
         if self.channel.transport is not None:
             self.channel.transport.abort()
+        elif not self._handed_over:
+            self.sock.close()  # still ours: no transport was made from it
 
     def _end(self, reason: CloseReason) -> None:
         """Count the session's end and write its one log line."""
         duration = time.monotonic() - self.started
         self.metrics.sessions_closed.labels(reason.value).inc()
         self.metrics.session_duration.observe(duration)
-        client, _, port = self.peer.rpartition(":")
         backend = self._backend
         local = backend.transport.get_extra_info("sockname") if backend else None
+        if backend is not None:
+            backend.pool.release(backend.server)  # for least_connections
         fields: dict[str, Value] = {
             "session": self.id,
             "listener": self.context.listener.name,
-            "client": client.strip("[]"),
-            "client_port": int(port) if port.isdigit() else None,
+            "client": self.client[0],
+            "client_port": self.client[1],
             **self._tls,
             "user": show_user(self._user, self.context.log.user),
             "backend": backend.backend if backend else None,

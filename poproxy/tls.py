@@ -8,7 +8,10 @@ or accept TLS below 1.2 (RFC 8996, RFC 9325 section 3.1.1).
 
 from __future__ import annotations
 
+import asyncio
 import datetime
+import hashlib
+import logging
 import ssl
 from dataclasses import dataclass
 
@@ -17,6 +20,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from poproxy.config import CertificateFiles, TlsSettings
+from poproxy.metrics import Metrics
+
+log = logging.getLogger("poproxy.tls")
 
 # Mozilla "intermediate" (v5.7) for TLS 1.2: forward-secret AEAD suites only
 # (RFC 9325 section 4.1). TLS 1.3 suites are OpenSSL's defaults, all fine.
@@ -52,28 +58,181 @@ class CertificateInfo:
     not_after: datetime.datetime
 
 
-def server_context(settings: TlsSettings, source: str) -> ssl.SSLContext:
-    """A server context with every configured certificate, checked first."""
+EXPIRY_WARNING = datetime.timedelta(days=14)  # warn in the log from this long before expiry
+
+
+def _base_context(settings: TlsSettings) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = MIN_VERSIONS[settings.min_version]
     context.set_ciphers(INTERMEDIATE_CIPHERS)
     # No compression (CRIME, RFC 9325 section 3.3); no renegotiation (its CPU
     # cost is a denial of service, section 3.5); the server picks the suite.
+    # Session tickets stay on (OpenSSL's default): a client that polls every
+    # few minutes resumes instead of paying for a full handshake.
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
     context.set_alpn_protocols(ALPN_PROTOCOLS)
-    context.sni_callback = _remember_server_name
-    for files in settings.certificates:
-        inspect_certificate(files, source)
-        try:
-            # One RSA and one ECDSA pair may both be loaded: OpenSSL keeps one
-            # certificate per key type and serves what the client supports.
-            context.load_cert_chain(files.cert, files.key)
-        except (OSError, ssl.SSLError) as exc:
-            raise CertificateError(
-                f"{source}: {files.key_path}: cannot load {files.cert}: {_reason(exc)}"
-            ) from None
     return context
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """One configured certificate as loaded."""
+
+    files: CertificateFiles
+    info: CertificateInfo
+
+
+class Certificates:
+    """One generation of certificates: a context per set of names, the first is the default.
+
+    Certificates with the same names share a context, so an RSA and an
+    ECDSA certificate for one host both serve, each to the clients that
+    support it. With SNI the context whose names match is chosen (wildcards
+    cover one left-most label, RFC 6125 section 6.4.3); without SNI, or
+    with no match, the first certificate's context serves.
+    """
+
+    def __init__(self, settings: TlsSettings, source: str) -> None:
+        self.sni_strict = settings.sni == "strict"
+        self.loaded = [
+            Loaded(files, inspect_certificate(files, source)) for files in settings.certificates
+        ]
+        by_names: dict[tuple[str, ...], ssl.SSLContext] = {}
+        for loaded in self.loaded:
+            names = tuple(sorted(name.lower() for name in loaded.info.names))
+            context = by_names.get(names)
+            if context is None:
+                context = by_names[names] = _base_context(settings)
+                context.sni_callback = self._choose
+            try:
+                context.load_cert_chain(loaded.files.cert, loaded.files.key)
+            except (OSError, ssl.SSLError) as exc:
+                raise CertificateError(
+                    f"{source}: {loaded.files.key_path}: cannot load {loaded.files.cert}:"
+                    f" {_reason(exc)}"
+                ) from None
+        self.by_names = by_names
+        self.default = next(iter(by_names.values()))
+
+    def select(self, name: str) -> ssl.SSLContext | None:
+        """The context for an SNI name, or None when no certificate names it."""
+        name = name.lower().rstrip(".")
+        for names, context in self.by_names.items():
+            if any(_name_matches(pattern, name) for pattern in names):
+                return context
+        return None
+
+    def _choose(
+        self, ssl_object: ssl.SSLObject | ssl.SSLSocket, name: str | None, _: ssl.SSLContext
+    ) -> int | None:
+        if name is None:
+            return None
+        # The name the client asked for, kept on the connection for its log line.
+        setattr(ssl_object, _SERVER_NAME, name)
+        context = self.select(name)
+        if context is None:
+            # RFC 9325 section 3.7 (and ALPACA): refuse a name we do not serve.
+            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME if self.sni_strict else None
+        if context is not ssl_object.context:
+            ssl_object.context = context
+        return None
+
+
+class CertificateStore:
+    """The certificates in service, reloaded when their files change.
+
+    A reload builds a complete new generation and swaps it in for new
+    handshakes only; connections in flight keep theirs. Bad new files leave
+    the old generation in service.
+    """
+
+    def __init__(self, settings: TlsSettings, source: str, metrics: Metrics | None = None) -> None:
+        self.settings = settings  # certificates are re-read; the rest holds until restart
+        self.source = source
+        self.metrics = metrics
+        self._fingerprint = self._read_fingerprint()
+        self.certificates = Certificates(settings, source)
+        self._report()
+
+    @property
+    def current(self) -> ssl.SSLContext:
+        """The context to start a new handshake with."""
+        return self.certificates.default
+
+    def changed(self) -> bool:
+        """Whether any certificate or key file reads differently from the loaded ones."""
+        return self._read_fingerprint() != self._fingerprint
+
+    def reload(self) -> bool:
+        """Load the files again; True when the new certificates are in service."""
+        fingerprint = self._read_fingerprint()
+        try:
+            certificates = Certificates(self.settings, self.source)
+        except CertificateError as exc:
+            log.error("certificate reload failed, the old certificates stay in service: %s", exc)
+            self._count("failure")
+            self._fingerprint = fingerprint  # report a bad file once, not every interval
+            return False
+        self.certificates = certificates
+        self._fingerprint = fingerprint
+        self._count("success")
+        self._report()
+        log.info("certificates reloaded")
+        return True
+
+    async def watch(self, interval: float) -> None:
+        """Poll the files every `interval`: Kubernetes swaps Secret volumes by symlink,
+        which inode watches miss, so the paths are read again instead."""
+        while True:
+            await asyncio.sleep(interval)
+            if self.changed():
+                self.reload()
+
+    def _read_fingerprint(self) -> bytes:
+        digest = hashlib.sha256()
+        for files in self.settings.certificates:
+            for path in (files.cert, files.key):
+                try:
+                    digest.update(path.read_bytes())
+                except OSError as exc:
+                    digest.update(f"unreadable {exc.errno}".encode())
+        return digest.digest()
+
+    def _count(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.certificate_reloads.labels(result).inc()
+
+    def _report(self) -> None:
+        now = datetime.datetime.now(datetime.UTC)
+        for loaded in self.certificates.loaded:
+            if self.metrics is not None:
+                self.metrics.certificate_expiry.labels(str(loaded.files.cert)).set(
+                    loaded.info.not_after.timestamp()
+                )
+            left = loaded.info.not_after - now
+            if left < EXPIRY_WARNING:
+                log.warning(
+                    "certificate %s (%s) expires %s, in %d days",
+                    loaded.files.cert,
+                    ", ".join(loaded.info.names),
+                    f"{loaded.info.not_after:%Y-%m-%d %H:%M}Z",
+                    left.days,
+                )
+
+
+def server_context(settings: TlsSettings, source: str) -> ssl.SSLContext:
+    """The default context of freshly loaded certificates (for checks and tools)."""
+    return Certificates(settings, source).default
+
+
+def _name_matches(pattern: str, name: str) -> bool:
+    if pattern == name:
+        return True
+    # "*.example.org" matches "mail.example.org", not "example.org" or "a.b.example.org".
+    if pattern.startswith("*.") and "." in name:
+        return name.split(".", 1)[1] == pattern[2:]
+    return False
 
 
 def inspect_certificate(files: CertificateFiles, source: str) -> CertificateInfo:
@@ -122,14 +281,6 @@ def certificate_names(certificate: x509.Certificate) -> tuple[str, ...]:
 
 
 _SERVER_NAME = "poproxy_server_name"
-
-
-def _remember_server_name(
-    ssl_object: ssl.SSLObject | ssl.SSLSocket, name: str | None, context: ssl.SSLContext
-) -> None:
-    # The name the client asked for (SNI), kept on the connection for its log line.
-    if name is not None:
-        setattr(ssl_object, _SERVER_NAME, name)
 
 
 def server_name(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> str | None:

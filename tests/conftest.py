@@ -71,7 +71,8 @@ async def start_proxy(certificates: Certificates, metrics: Metrics) -> AsyncIter
 
     async def start(backend_servers: list[tuple[str, int]], **limits: Any) -> RunningProxy:
         settings = proxy_config(certificates.files, backend_servers, **limits)
-        proxy = Proxy(settings, tls.server_context(settings.tls, settings.source), metrics)
+        store = tls.CertificateStore(settings.tls, settings.source, metrics)
+        proxy = Proxy(settings, store, metrics)
         await proxy.start()
         started.append(proxy)
         return RunningProxy(proxy)

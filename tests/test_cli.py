@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -22,10 +23,13 @@ def poproxy(*arguments: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def write_config(tmp_path: Path, cert: Path, key: Path, listen: str = "127.0.0.1:0") -> Path:
+def write_config(
+    tmp_path: Path, cert: Path, key: Path, listen: str = "127.0.0.1:0", user: str = "nobody"
+) -> Path:
     path = tmp_path / "poproxy.yaml"
     path.write_text(
-        f"""
+        f"""user: {user}
+
 listeners:
   - name: pop3s
     listen: "{listen}"
@@ -128,3 +132,14 @@ def test_usage_errors_exit_2(arguments: tuple[str, ...]) -> None:
     assert result.returncode == 2
     assert "usage: poproxy" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only a process started as root drops privileges")
+def test_root_without_a_user_refuses_to_run(tmp_path: Path, certificates: Certificates) -> None:
+    path = write_config(tmp_path, certificates.files.cert, certificates.files.key)
+    path.write_text(path.read_text().replace("user: nobody\n", ""))
+    assert_one_line_error(
+        poproxy("run", "-c", str(path)),
+        f"{path}: user: started as root, so a user to run as is required"
+        " (user: root keeps root, which is not recommended)",
+    )

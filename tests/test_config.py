@@ -292,10 +292,14 @@ class TestDurations:
 
 # --- errors -------------------------------------------------------------------
 
-LISTENER_KEYS = "(expected one of: listen, name, tls)"
+LISTENER_KEYS = (
+    "(expected one of: implicit_tls_window, listen, name, plaintext_hint_after, proxy_protocol,"
+    " tls)"
+)
 LIMITS_KEYS = (
-    "(expected one of: auth_failure_delay, handshake_timeout, idle_timeout, login_timeout, "
-    "max_auth_failures, max_errors, max_line, shutdown_grace)"
+    "(expected one of: auth_failure_delay, auth_penalty_max, handshake_timeout, idle_timeout, "
+    "login_timeout, max_auth_failures, max_connections, max_connections_per_ip, max_errors, "
+    "max_line, shutdown_grace, trusted_networks)"
 )
 DURATION_HINT = "(use e.g. 30s, 10m, 500ms)"
 NAME_HINT = "(letters, digits, '_', '.', '-')"
@@ -306,7 +310,8 @@ ERRORS: list[tuple[str, Callable[[], dict[str, Any]], str]] = [
         "unknown top-level key",
         setting(("listener",), []),
         "test.yaml: listener: unknown key"
-        " (expected one of: backends, limits, listeners, log, metrics, tls)",
+        " (expected one of: auth_http, backends, group, limits, listeners, log, metrics, routes,"
+        " tls, user)",
     ),
     (
         "unknown listener key",
@@ -321,7 +326,8 @@ ERRORS: list[tuple[str, Callable[[], dict[str, Any]], str]] = [
     (
         "unknown tls key",
         setting(("tls", "ciphers"), "HIGH"),
-        "test.yaml: tls.ciphers: unknown key (expected one of: certificates, min_version)",
+        "test.yaml: tls.ciphers: unknown key"
+        " (expected one of: alpn, certificates, min_version, reload_interval, sni)",
     ),
     (
         "unknown certificate key",
@@ -332,7 +338,8 @@ ERRORS: list[tuple[str, Callable[[], dict[str, Any]], str]] = [
         "unknown backend key",
         setting(("backends", 1, "server"), "10.0.0.1"),
         "test.yaml: backends[1].server: unknown key "
-        "(expected one of: connect_timeout, name, reply_timeout, servers)",
+        "(expected one of: balance, ca, connect_timeout, health_check, name, proxy_protocol,"
+        " reply_timeout, server_name, servers, tls, xclient)",
     ),
     (
         "unknown limits key",

@@ -124,8 +124,14 @@ def test_production_example_loads() -> None:
         "[::]:995",
         "[::]:110",
     ]
-    assert [files.cert for files in settings.tls.certificates] == [Path("/etc/poproxy/tls/tls.crt")]
-    assert [files.key for files in settings.tls.certificates] == [Path("/etc/poproxy/tls/tls.key")]
+    assert [files.cert for files in settings.tls.certificates] == [
+        Path("/etc/poproxy/tls/tls.crt"),
+        Path("/etc/poproxy/tls/ecdsa.crt"),
+    ]
+    assert [files.key for files in settings.tls.certificates] == [
+        Path("/etc/poproxy/tls/tls.key"),
+        Path("/etc/poproxy/tls/ecdsa.key"),
+    ]
     (backend,) = settings.backends
     assert backend.name == "legacy"
     assert backend.servers == (config.Address("10.0.0.5", 110), config.Address("10.0.0.6", 110))
@@ -188,4 +194,6 @@ def test_readme_default_matches_the_code(path: str) -> None:
     else:
         assert default_cell.strip() == "required"
         return
+    if isinstance(default, tuple):
+        default = list(default)  # YAML has lists; the schema keeps tuples
     assert _documented_default(default_cell, key) == default

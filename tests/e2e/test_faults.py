@@ -250,14 +250,17 @@ class TestBadInput:
     ) -> None:
         proxy = await start_proxy([backend.address], handshake_timeout=0.3)
         async with await RawClient.connect(proxy.implicit) as client:
+            # A TLS record header announcing 512 bytes that never come.
+            await client.send(b"\x16\x03\x01\x02\x00")
             assert await client.at_eof()
 
     @pytest.mark.asyncio
-    async def test_plaintext_on_the_implicit_port_fails_the_handshake_quietly(
+    async def test_garbage_on_the_implicit_port_fails_the_handshake_quietly(
         self, proxy: RunningProxy, client_context: ssl.SSLContext, caplog: pytest.LogCaptureFixture
     ) -> None:
         async with await RawClient.connect(proxy.implicit) as client:
-            await client.send(b"USER alice\r\n" * 20)
+            # A TLS handshake record holding no ClientHello.
+            await client.send(b"\x16\x03\x01\x00\x08" + b"\x02" * 8)
             assert await client.at_eof()
         # The proxy still serves TLS clients, and logged no traceback.
         good = await logged_in(proxy, client_context)

@@ -95,9 +95,9 @@ async def test_counters_move_by_exactly_what_happened(
         await client.line()
         await client.starttls(client_context)
         await client.command(b"QUIT\r\n")
-    # 1 failed handshake: plaintext on the implicit-TLS port.
+    # 1 failed handshake: a TLS record that holds no ClientHello.
     async with await RawClient.connect(proxy.implicit) as client:
-        await client.send(b"USER alice\r\n" * 30)
+        await client.send(b"\x16\x03\x01\x00\x08" + b"\x02" * 8)
         assert await client.at_eof()
     # 1 client reset after login.
     client = await RawClient.connect(proxy.implicit, client_context)

@@ -97,7 +97,8 @@ async def test_ipv6_listener(backend: MailboxServer, certificates: Certificates)
     settings = dataclasses.replace(
         settings, listeners=(config.Listener("v6", config.Address("::1", 0), "implicit"),)
     )
-    proxy = Proxy(settings, tls.server_context(settings.tls, settings.source), Metrics())
+    metrics = Metrics()
+    proxy = Proxy(settings, tls.CertificateStore(settings.tls, settings.source, metrics), metrics)
     try:
         await proxy.start()
     except ListenError:

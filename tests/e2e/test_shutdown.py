@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pwd
 import signal
 import ssl
 import sys
@@ -102,6 +103,7 @@ backends:
     servers: ["{backend.address[0]}:{backend.address[1]}"]
 limits:
   shutdown_grace: 10s
+user: nobody
 """
     )
     process = await asyncio.create_subprocess_exec(
@@ -120,6 +122,11 @@ limits:
                 assert line, "poproxy exited before listening"
         port = int(line.split(b"listening on 127.0.0.1:")[1].split()[0])
         client = await logged_in(("127.0.0.1", port), client_context)
+        if os.geteuid() == 0:
+            # Started as root, it serves as the configured user.
+            status = await asyncio.to_thread(Path(f"/proc/{process.pid}/status").read_text)
+            uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
+            assert uid_line.split()[1:] == [str(pwd.getpwnam("nobody").pw_uid)] * 4
         process.send_signal(signal.SIGTERM)
         async with asyncio.timeout(10):
             while b"waiting up to" not in (line := await process.stderr.readline()):

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import trustme
 
-from poproxy import config
+from poproxy import config, tls
+from poproxy.metrics import Metrics
 from poproxy.server import Proxy
 
 # Fast limits for tests: no failure delay, short grace.
@@ -76,3 +79,15 @@ class StartProxy(Protocol):
     async def __call__(
         self, backend_servers: list[tuple[str, int]], **limits: Any
     ) -> RunningProxy: ...
+
+
+@asynccontextmanager
+async def running_proxy(settings: config.Config) -> AsyncIterator[Proxy]:
+    """A proxy for `settings`, with a fresh registry, shut down at the end."""
+    metrics = Metrics()
+    proxy = Proxy(settings, tls.CertificateStore(settings.tls, settings.source, metrics), metrics)
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.shutdown(grace=0)
