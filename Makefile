@@ -37,6 +37,7 @@ interop-deps:
 	command -v openssl >/dev/null || missing="$$missing openssl"; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	command -v fail2ban-regex >/dev/null || missing="$$missing fail2ban"; \
+	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 			echo "installing:$$missing"; \

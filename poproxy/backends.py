@@ -32,6 +32,7 @@ log = logging.getLogger("poproxy.backends")
 MAX_REPLY_LINE = 4096
 MAX_CAPABILITIES = 64  # CAPA lines kept per server
 RECHECK_INTERVAL = 5.0  # seconds between probes of failed servers without health_check
+MAX_DIRECT_POOLS = 1000  # map-file and auth_http servers remembered
 
 # Extensions a client may rely on after login only if every server has them
 # (RFC 2449 section 6). Login methods and STLS are the proxy's business.
@@ -40,6 +41,10 @@ PROXY_OWN |= {b"AUTH-RESP-CODE", b"UTF8", b"LANG", b"XCLIENT", b"APOP"}
 
 # PROXY protocol v2 LOCAL: "this connection is the proxy's own" (health checks).
 PROXY_V2_LOCAL = proxy_protocol.V2_SIGNATURE + b"\x20\x00\x00\x00"
+
+
+class BackendError(Exception):
+    """A backend's settings cannot be used (a CA file that does not load)."""
 
 
 class BackendUnavailable(Exception):
@@ -110,10 +115,15 @@ class _Exchange:
 class Pool:
     """The servers of one configured backend."""
 
-    def __init__(self, backend: config.Backend, metrics: Metrics) -> None:
+    def __init__(
+        self, backend: config.Backend, metrics: Metrics, *, source: str = "", index: int = 0
+    ) -> None:
         self.backend = backend
         self.name = backend.name
         self.metrics = metrics
+        # Map-file and auth_http servers are not configured: no series of their own,
+        # or an auth service could grow the metrics without bound.
+        self.tracked = bool(source)
         self.servers = {
             address.__str__(): ServerState(address, backend.weight(index))
             for index, address in enumerate(backend.servers)
@@ -125,7 +135,13 @@ class Pool:
         if backend.tls != "off":
             # Verification on: a CA file when given, else the system's store.
             cafile = str(backend.ca) if backend.ca else None
-            self.tls_context = ssl.create_default_context(cafile=cafile)
+            try:
+                self.tls_context = ssl.create_default_context(cafile=cafile)
+            except (OSError, ssl.SSLError) as exc:
+                reason = getattr(exc, "strerror", None) or str(exc)
+                raise BackendError(
+                    f"{source}: backends[{index}].ca: cannot load {backend.ca}: {reason}"
+                ) from None
             self.tls_context.minimum_version = ssl.TLSVersion.TLSv1_2
         self._waiters: list[asyncio.Future[None]] = []
 
@@ -156,12 +172,14 @@ class Pool:
                 "backend %s server %s is %s", self.name, state.key, "up" if usable else "down"
             )
         state.usable = usable
-        self.metrics.backend_up.labels(self.name, state.key).set(1 if usable else 0)
+        if self.tracked:
+            self.metrics.backend_up.labels(self.name, state.key).set(1 if usable else 0)
 
     def _failed(self, state: ServerState) -> None:
         # Passive: a server that fails a real login attempt is down at once.
         state.good = 0
-        self.metrics.backend_connect_failures.labels(self.name, state.key).inc()
+        if self.tracked:
+            self.metrics.backend_connect_failures.labels(self.name, state.key).inc()
         self._mark(state, usable=False)
 
     async def run_checks(self) -> None:
@@ -265,26 +283,22 @@ class Pool:
         server_name = backend.server_name or server.host
         loop = asyncio.get_running_loop()
         started = loop.time()
-        implicit = self.tls_context if backend.tls == "implicit" else None
         try:
             async with asyncio.timeout(backend.connect_timeout):
-                _, channel = await loop.create_connection(
-                    Channel,
-                    server.host,
-                    server.port,
-                    ssl=implicit,
-                    server_hostname=server_name if implicit else None,
-                )
+                _, channel = await loop.create_connection(Channel, server.host, server.port)
         except TimeoutError:
             raise _Unusable("connect timeout") from None
-        except (OSError, ssl.SSLError) as exc:
-            raise _Unusable(getattr(exc, "strerror", None) or str(exc)) from None
+        except OSError as exc:
+            raise _Unusable(exc.strerror or str(exc)) from None
         if observe:  # logins only, not health checks
             self.metrics.backend_connect_duration.labels(self.name).observe(loop.time() - started)
         exchange = _Exchange(channel)
         try:
             if backend.proxy_protocol != "off":
+                # First on the wire, before any TLS: the receiver reads it in the clear.
                 channel.write(_proxy_header(backend.proxy_protocol, client))
+            if backend.tls == "implicit":
+                await self._start_tls(exchange, server_name)
             greeting, greeting_line = await self._status_line(exchange)
             if not greeting.ok:
                 raise _Unusable("greeting is not +OK")
@@ -313,6 +327,12 @@ class Pool:
         if exchange.lines.pending or exchange.channel.take():
             # Bytes after the +OK, before TLS: a response injection attempt.
             raise _Unusable("data after the STLS answer")
+        await self._start_tls(exchange, server_name)
+
+    async def _start_tls(self, exchange: _Exchange, server_name: str) -> None:
+        """TLS on the connection as it is, the server's certificate verified."""
+        if self.tls_context is None:
+            raise _Unusable("no TLS context")
         loop = asyncio.get_running_loop()
         transport = exchange.channel.connected()
         exchange.channel.pause_reading()
@@ -385,9 +405,13 @@ class Backends:
         backends: tuple[config.Backend, ...],
         metrics: Metrics,
         routes: tuple[Route, ...] = (),
+        source: str = "<config>",
     ) -> None:
         self.metrics = metrics
-        self.pools = {backend.name: Pool(backend, metrics) for backend in backends}
+        self.pools = {
+            backend.name: Pool(backend, metrics, source=source, index=index)
+            for index, backend in enumerate(backends)
+        }
         self.first = self.pools[backends[0].name]
         self.router = Router(routes, tuple(self.pools))
         for problem in self.router.refresh():  # map files are read now, then when changed
@@ -433,6 +457,8 @@ class Backends:
                 ca=template.ca,
                 server_name=template.server_name,
             )
+            if len(self._direct) >= MAX_DIRECT_POOLS:
+                self._direct.pop(next(iter(self._direct)))  # the oldest goes
             pool = self._direct[server] = Pool(settings, self.metrics)
         return pool
 

@@ -1,4 +1,4 @@
-"""The `poproxy` command: `run`, `check-config`, `demo`.
+"""The `poproxy` command: `run`, `check-config`, `demo`, `probe`.
 
 Owns: argument parsing, logging set-up, exit codes, and running the server
 on uvloop. A configuration, certificate or listen problem is one line on
@@ -18,7 +18,8 @@ from pathlib import Path
 
 import uvloop
 
-from poproxy import __version__, config, logs, tls
+from poproxy import __version__, config, logs, probe, tls
+from poproxy.backends import BackendError, Backends
 from poproxy.metrics import Metrics
 from poproxy.server import ListenError, PrivilegeError, Proxy, check_privileges, serve
 
@@ -37,6 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     check.add_argument("-c", "--config", type=Path, required=True, help="YAML configuration file")
     demo_command = commands.add_parser("demo", help="run the proxy before an in-memory POP3 server")
     demo_command.add_argument("-c", "--config", type=Path, help="demo configuration file")
+    probe_command = commands.add_parser("probe", help="check a POP3 server's TLS from outside")
+    probe.add_arguments(probe_command)
     arguments = parser.parse_args(argv)
 
     try:
@@ -56,7 +59,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 logs.setup("info", "logfmt")
                 return _run_until_signal(lambda stop: demo.run_demo(arguments.config, stop))
-    except (config.ConfigError, tls.CertificateError, ListenError, PrivilegeError) as exc:
+            case "probe":
+                return probe.run_command(arguments)
+    except (
+        config.ConfigError,
+        tls.CertificateError,
+        BackendError,
+        ListenError,
+        PrivilegeError,
+    ) as exc:
         print(f"poproxy: {exc}", file=sys.stderr)
         return EXIT_USAGE
     raise AssertionError(arguments.command)
@@ -66,6 +77,7 @@ def check_config(path: Path) -> int:
     """Validate the file and the certificates it names; print what an operator checks."""
     settings = config.load(path)
     tls.server_context(settings.tls, settings.source)
+    Backends(settings.backends, Metrics(), settings.routes, settings.source)  # CA files load
     check_privileges(settings)
     now = datetime.datetime.now(datetime.UTC)
     for files in settings.tls.certificates:

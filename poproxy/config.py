@@ -198,6 +198,8 @@ def _config(root: _Node, base: Path) -> Config:
     if not backends:
         mapping.required("backends").fail("at least one backend is needed")
     _unique(mapping.required("backends"), [backend.name for backend in backends])
+    if mapping.optional("routes").present and mapping.optional("auth_http").present:
+        mapping.optional("auth_http").fail("routes and auth_http exclude each other: keep one")
     return Config(
         listeners=listeners,
         tls=_tls(mapping.required("tls"), base),

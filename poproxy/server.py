@@ -26,7 +26,7 @@ from pathlib import Path
 from poproxy import policy, tls
 from poproxy.admin import AdminServer
 from poproxy.auth_http import AuthHttpClient
-from poproxy.backends import Backends
+from poproxy.backends import BackendError, Backends
 from poproxy.config import Address, Config, ConfigError, Listener
 from poproxy.config import load as load_config
 from poproxy.limits import AuthPenalty, ConnectionCounter, Networks, address_key
@@ -90,7 +90,9 @@ class Proxy:
 
     def __post_init__(self) -> None:
         limits = self.config.limits
-        self.backends = Backends(self.config.backends, self.metrics, self.config.routes)
+        self.backends = Backends(
+            self.config.backends, self.metrics, self.config.routes, self.config.source
+        )
         settings = self.config.auth_http
         self.auth_http = AuthHttpClient(settings) if settings else None
         self.admin = AdminServer(self.metrics, self.ready)
@@ -268,6 +270,7 @@ class Proxy:
         configuration in service (the caller logs why).
         """
         certificates = tls.CertificateStore(settings.tls, settings.source, self.metrics)
+        backends = Backends(settings.backends, self.metrics, settings.routes, settings.source)
         current = {_identity(listening.listener): listening for listening in self._listening}
         wanted = {_identity(listener): listener for listener in settings.listeners}
         added = await self._bind_all(
@@ -277,7 +280,7 @@ class Proxy:
         limits = settings.limits
         self.config = settings
         self.certificates = certificates
-        self.backends = Backends(settings.backends, self.metrics, settings.routes)
+        self.backends = backends
         self.auth_http = AuthHttpClient(settings.auth_http) if settings.auth_http else None
         self.connections.max_total = limits.max_connections
         self.connections.max_per_address = limits.max_connections_per_ip
@@ -419,7 +422,7 @@ async def serve(proxy: Proxy, stop: asyncio.Event, path: Path | None = None) -> 
                 proxy.certificates.reload()
             else:
                 await proxy.reload(load_config(path))
-        except (ConfigError, tls.CertificateError, ListenError) as exc:
+        except (ConfigError, tls.CertificateError, BackendError, ListenError) as exc:
             log.error("reload failed, the running configuration stays: %s", exc)
         finally:
             notify("READY=1")

@@ -618,7 +618,7 @@ class Session:
             tls_protocol=self._tls["tls_version"] if ssl_object else None,  # type: ignore[arg-type]
             tls_cipher=self._tls["tls_cipher"] if ssl_object else None,  # type: ignore[arg-type]
         )
-        for _ in range(AUTH_HTTP_WAITS):
+        for asked in range(1, AUTH_HTTP_WAITS + 1):
             try:
                 answer = await auth.ask(request)
             except AuthHttpError as exc:
@@ -631,8 +631,9 @@ class Session:
                 return self.context.backends.direct(server), server, user, password
             if not answer.ask_again:
                 raise LoginRejected(ResponseCode.AUTH)
-            # Auth-Status: WAIT: ask again later, within reason.
-            await asyncio.sleep(min(answer.wait or 1.0, AUTH_HTTP_MAX_WAIT))
+            if asked < AUTH_HTTP_WAITS:
+                # Auth-Status: WAIT: ask again later, within reason.
+                await asyncio.sleep(min(answer.wait or 1.0, AUTH_HTTP_MAX_WAIT))
         raise BackendUnavailable("auth_http kept answering WAIT")
 
     def _log_failed_login(self, result: LoginResult) -> None:
