@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo check test interop-deps clean
+.PHONY: install demo check test interop-deps bench-deps bench clean
 
 $(STAMP): pyproject.toml
 	@# Debian's python3 ships venv separately: install it when root and missing.
@@ -24,8 +24,8 @@ demo: install
 	$(BIN)/poproxy demo -c config/demo.yaml
 
 check: install
-	$(BIN)/ruff format --check poproxy tests
-	$(BIN)/ruff check poproxy tests
+	$(BIN)/ruff format --check poproxy tests bench
+	$(BIN)/ruff check poproxy tests bench
 	$(BIN)/mypy
 
 # The interop tests run a real Dovecot and real clients (curl, openssl).
@@ -49,6 +49,28 @@ interop-deps:
 
 test: check interop-deps
 	$(BIN)/pytest
+
+# Benchmark against nginx (mail), HAProxy and stunnel: bench/README.md. Not part of `make test`.
+BENCH_ARGS ?= --quick
+
+bench-deps: install
+	@missing=""; \
+	[ -x /usr/sbin/nginx ] || missing="$$missing nginx"; \
+	[ -e /usr/lib/nginx/modules/ngx_mail_module.so ] || missing="$$missing libnginx-mod-mail"; \
+	[ -x /usr/sbin/haproxy ] || missing="$$missing haproxy"; \
+	[ -x /usr/bin/stunnel4 ] || missing="$$missing stunnel4"; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing:$$missing"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+		else \
+			echo "missing:$$missing (not root: the benchmark leaves those systems out)"; \
+		fi; \
+	fi
+	@[ -x $(BIN)/py-spy ] || $(BIN)/pip install --quiet py-spy
+
+bench: bench-deps
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

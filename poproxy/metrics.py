@@ -132,7 +132,10 @@ class Metrics:
             registry=r,
         )
         self.logins = Counter(
-            "poproxy_logins", "Login attempts replayed to a backend, by outcome.", ["result"],
+            "poproxy_logins",
+            "Logins with complete credentials, by outcome (a backend's or auth_http's answer,"
+            " or no backend reachable).",
+            ["result"],
             registry=r,
         )  # fmt: skip
         self.sessions_closed = Counter(
@@ -166,7 +169,8 @@ class Metrics:
         )
         self.backend_up = Gauge(
             "poproxy_backend_up",
-            "1 if the last attempt to use the backend server worked, else 0.",
+            "1 if the backend server is in use: health checks (rise/fall) or, without them,"
+            " the last attempt to use it decide; 0 if it is marked down.",
             ["backend", "server"],
             registry=r,
         )

@@ -146,6 +146,8 @@ class Close:
 
     reply: bytes
     reason: CloseReason
+    refusal: Refusal | None = None  # the command that reached max_errors, if refused
+    verb: bytes = b""
 
 
 Action = Reply | StartTls | Login | Close
@@ -376,7 +378,8 @@ class ClientPolicy:
     def _error_reply(self, reply: bytes, refusal: Refusal, verb: bytes) -> Reply | Close:
         self.errors += 1
         if self.errors >= self.settings.max_errors:
-            return self._close(TOO_MANY_ERRORS, CloseReason.PROTOCOL_ERROR)
+            self.phase = Phase.CLOSED
+            return Close(TOO_MANY_ERRORS, CloseReason.PROTOCOL_ERROR, refusal, verb)
         return Reply(reply, refusal, verb)
 
     def _close(self, reply: bytes, reason: CloseReason) -> Close:

@@ -502,12 +502,13 @@ class Session:
                         return backend
 
     def _perform_close(self, close: Close) -> NoReturn:
+        self._note_refusal(close)
         self.channel.write(close.reply)
         raise _Ended(_CLOSE_REASONS[close.reason])
 
-    def _note_refusal(self, reply: Reply) -> None:
-        if reply.refusal is Refusal.PLAINTEXT_LOGIN:
-            verb = reply.verb.decode("ascii", "replace")
+    def _note_refusal(self, action: Reply | Close) -> None:
+        if action.refusal is Refusal.PLAINTEXT_LOGIN:
+            verb = action.verb.decode("ascii", "replace")
             if verb in REFUSED_COMMANDS:
                 listener = self.context.listener.name
                 self.metrics.plaintext_auth_refused.labels(listener, verb).inc()

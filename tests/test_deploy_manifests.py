@@ -60,7 +60,7 @@ CUSTOM_KINDS = {
 KUSTOMIZATION = ("kustomize.config.k8s.io/v1beta1", "Kustomization")
 
 # poproxy's shutdown, after the grace period: how long it waits for the cut sessions to end
-# (README.md "Shutdown").
+# (docs/operations.md "Shutdown").
 ABORT_WAIT = ABORT_TIMEOUT
 
 # The container image's user: numeric, not root (Kubernetes' runAsNonRoot checks numbers).
@@ -926,8 +926,8 @@ def test_deploy_doc_describes_every_file() -> None:
     for words in ("docker run", "podman run", "995:1995", "110:1110", "systemd-analyze"):
         assert words in text, words
     assert "login_trusted_networks" in text and "disable_plaintext_auth" in text
-    # No invented benchmark: the figure comes with the performance work.
-    assert "not measured yet" in text
+    # No invented figure: sizing points at the benchmark's recorded results.
+    assert "bench/RESULTS.md" in text
     assert not re.search(r"\d[\d,]*\s*sessions/s", text)
 
 

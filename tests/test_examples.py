@@ -1,12 +1,14 @@
-"""The shipped configurations load, and README.md's configuration reference matches the schema.
+"""The shipped configurations load, and docs/operations.md's configuration reference matches
+the schema.
 
 The schema's keys come from `poproxy.config`'s dataclasses; a key path is written as in the
-README table: `listeners[].listen` for a key of each item of a list, `limits.max_line` for a key
-of a mapping. `Address` values (`host:port` strings in YAML) are leaves, not mappings.
+reference table: `listeners[].listen` for a key of each item of a list, `limits.max_line` for a
+key of a mapping. `Address` values (`host:port` strings in YAML) are leaves, not mappings.
 
 Most dataclass fields are one YAML key of the same name. `YAML_KEYS_OF_FIELD` lists the few
-that are not, and the YAML keys they stand for: the README documents YAML keys, so the test
-compares the README with the YAML keys, never with field names a user cannot write.
+that are not, and the YAML keys they stand for: the reference documents YAML keys, so the test
+compares it with the YAML keys, never with field names a user cannot write. `documented_keys()`
+is also what tests/test_docs.py checks every key path named in the documents against.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from poproxy import config
 from poproxy.auth_http import AuthHttpSettings
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
+# The configuration reference: the table under this heading.
+REFERENCE = ROOT / "docs" / "operations.md"
+REFERENCE_HEADING = "## Configuration reference"
 PRODUCTION = ROOT / "config" / "poproxy.yaml"
 DEMO = ROOT / "config" / "demo.yaml"
 
@@ -154,21 +158,22 @@ def _yaml_key(path: str, key: SchemaKey) -> YamlKey:
     return YamlKey(key, required=False, default=default)
 
 
-def readme_rows() -> dict[str, tuple[str, str, str]]:
+def reference_rows() -> dict[str, tuple[str, str, str]]:
     """The configuration reference table: key path -> (type, default, meaning) cells."""
-    text = README.read_text(encoding="utf-8")
-    assert "\n## Configuration reference\n" in text
-    section = text.split("\n## Configuration reference\n", 1)[1].split("\n## ", 1)[0]
+    text = REFERENCE.read_text(encoding="utf-8")
+    heading = f"\n{REFERENCE_HEADING}\n"
+    assert heading in text, f"{REFERENCE.name} has no {REFERENCE_HEADING!r} section"
+    section = text.split(heading, 1)[1].split("\n## ", 1)[0]
     rows: dict[str, tuple[str, str, str]] = {}
     for match in TABLE_ROW.finditer(section):
         key = match.group(1)
-        assert key not in rows, f"README lists {key} twice"
+        assert key not in rows, f"the configuration reference lists {key} twice"
         rows[key] = (match.group(2), match.group(3), match.group(4))
     return rows
 
 
 def yaml_keys(node: Any, path: str = "") -> set[str]:
-    """Every leaf key path set in a YAML document, in the README's notation.
+    """Every leaf key path set in a YAML document, in the reference's notation.
 
     A list of mappings contributes its items' keys (`listeners[].name`); a list of plain
     values is a leaf. `servers` may mix both forms, and then contributes both.
@@ -195,7 +200,7 @@ def commented_out() -> dict[str, Any]:
 
 
 def _documented_default(cell: str, key: YamlKey) -> object:
-    """The README's default cell as the value the dataclass would hold."""
+    """The reference's default cell as the value the dataclass would hold."""
     text = cell.strip().strip("`")
     if key.schema.hint is float:  # every float in the schema is a duration
         match = DURATION.match(text)
@@ -326,19 +331,19 @@ def test_demo_config_is_the_packaged_one() -> None:
     assert DEMO.resolve() == (ROOT / "poproxy" / "demo.yaml").resolve()
 
 
-# --- README.md's configuration reference --------------------------------------
+# --- docs/operations.md's configuration reference -------------------------------
 
 
-def test_readme_documents_exactly_the_yaml_keys() -> None:
-    documented, keys = set(readme_rows()), set(documented_keys())
-    assert documented - keys == set(), "README documents keys the schema does not have"
-    assert keys - documented == set(), "YAML keys missing from README's table"
+def test_reference_documents_exactly_the_yaml_keys() -> None:
+    documented, keys = set(reference_rows()), set(documented_keys())
+    assert documented - keys == set(), "the reference documents keys the schema does not have"
+    assert keys - documented == set(), "YAML keys missing from the reference's table"
 
 
 @pytest.mark.parametrize("path", sorted(documented_keys()))
-def test_readme_default_matches_the_code(path: str) -> None:
-    rows = readme_rows()
-    assert path in rows, f"{path} is missing from README's table"
+def test_reference_default_matches_the_code(path: str) -> None:
+    rows = reference_rows()
+    assert path in rows, f"{path} is missing from the reference's table"
     _, default_cell, _ = rows[path]
     key = documented_keys()[path]
     if key.required:

@@ -218,7 +218,9 @@ class TestRule1NoLoginBeforeTls:
         policy = before_tls(PolicySettings(max_errors=3))
         assert is_error(policy.receive_line(b"XYZZY"))
         assert is_error(policy.receive_line(b"NOOP"))
-        assert policy.receive_line(b"XYZZY") == Close(TOO_MANY_ERRORS, CloseReason.PROTOCOL_ERROR)
+        assert policy.receive_line(b"XYZZY") == Close(
+            TOO_MANY_ERRORS, CloseReason.PROTOCOL_ERROR, Refusal.PROTOCOL, b"XYZZY"
+        )
         assert policy.phase is Phase.CLOSED
 
     def test_plaintext_login_attempts_count_as_errors(self) -> None:
@@ -226,7 +228,10 @@ class TestRule1NoLoginBeforeTls:
         policy = before_tls(PolicySettings(max_errors=2))
         assert as_reply(policy.receive_line(b"USER alice")).data == TLS_REQUIRED
         action = policy.receive_line(b"PASS hunter2")
-        assert action == Close(TOO_MANY_ERRORS, CloseReason.PROTOCOL_ERROR)
+        # The refusal that closes is still a refused plaintext login (for the counters).
+        assert action == Close(
+            TOO_MANY_ERRORS, CloseReason.PROTOCOL_ERROR, Refusal.PLAINTEXT_LOGIN, b"PASS"
+        )
 
     def test_allowed_commands_do_not_count_as_errors(self) -> None:
         policy = before_tls(PolicySettings(max_errors=1))
