@@ -3,8 +3,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# POP3 servers of the interop matrix that conflict with dovecot-pop3d (Conflicts: pop3-server)
+# or would start a daemon on port 110: unpacked here, never installed (tools/interop_debs.py).
+INTEROP_DEBS := build/interop/debs
+INTEROP_UNPACKED := popa3d courier-pop cyrus-common cyrus-pop3d mailutils-pop3d
 
-.PHONY: install demo check test interop-deps bench-deps bench clean
+.PHONY: install demo check test interop-deps interop bench-deps bench clean
 
 $(STAMP): pyproject.toml
 	@# Debian's python3 ships venv separately: install it when root and missing.
@@ -37,6 +41,9 @@ interop-deps:
 	command -v openssl >/dev/null || missing="$$missing openssl"; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	command -v fail2ban-regex >/dev/null || missing="$$missing fail2ban"; \
+	command -v fetchmail >/dev/null || missing="$$missing fetchmail"; \
+	command -v getmail >/dev/null || missing="$$missing getmail6"; \
+	command -v mutt >/dev/null || missing="$$missing mutt"; \
 	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -46,9 +53,20 @@ interop-deps:
 			echo "missing:$$missing (not root: interop tests that need them will be skipped)"; \
 		fi; \
 	fi
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		$(PYTHON) tools/interop_debs.py $(INTEROP_DEBS) $(INTEROP_UNPACKED); \
+	else \
+		echo "not root: $(INTEROP_UNPACKED) not unpacked (their interop tests will be skipped)"; \
+	fi
 
 test: check interop-deps
 	$(BIN)/pytest
+
+# The interop matrix alone: real clients x real POP3 servers through poproxy. Regenerates
+# docs/interop.md from its results (build/interop/matrix-results.json), failures included.
+interop: install interop-deps
+	$(BIN)/pytest tests/interop/matrix; status=$$?; \
+	$(BIN)/python tools/interop_report.py || status=1; exit $$status
 
 # Benchmark against nginx (mail), HAProxy and stunnel: bench/README.md. Not part of `make test`.
 BENCH_ARGS ?= --quick
