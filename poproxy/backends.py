@@ -318,8 +318,6 @@ class Pool:
         return exchange
 
     async def _starttls(self, exchange: _Exchange, server_name: str) -> None:
-        if self.tls_context is None:  # set whenever tls is not off
-            raise _Unusable("no TLS context")
         exchange.channel.write(b"STLS" + CRLF)
         status = await self._status(exchange)
         if not status.ok:

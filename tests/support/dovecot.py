@@ -196,7 +196,7 @@ class Dovecot:
         """PIDs of live processes (not zombies) in the process group Dovecot started in."""
         if self._process is None:
             return []
-        return _process_group_members(self._process.pid)
+        return process_group_members(self._process.pid)
 
     def session_processes(self) -> list[int]:
         """PIDs of the pop3 processes: one per logged-in session, gone when it ends."""
@@ -653,7 +653,7 @@ def _command_name(pid: int) -> str:
         return ""
 
 
-def _process_group_members(pgid: int) -> list[int]:
+def process_group_members(pgid: int) -> list[int]:
     members = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -675,7 +675,7 @@ def _wait_group_gone(pgid: int, timeout: float) -> None:
     # so this polls /proc, bounded; it only waits after a master had to be killed.
     deadline = time.monotonic() + timeout
     backoff = 0.005
-    while members := _process_group_members(pgid):
+    while members := process_group_members(pgid):
         if time.monotonic() >= deadline:
             raise DovecotError(f"Dovecot processes {members} outlived their master")
         time.sleep(backoff)

@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from support.dovecot import MAIL_USER, Dovecot, running_dovecot
+from support.dovecot import MAIL_USER, Dovecot, process_group_members, running_dovecot
 from support.interop import interop_unavailable, require_program
 
 HOST = "127.0.0.1"
@@ -138,25 +138,10 @@ def _stop_group(process: subprocess.Popen[bytes], grace: float = STOP_GRACE) -> 
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
             process.poll()
-            if not _group_members(process.pid):
+            if not process_group_members(process.pid):
                 return
             time.sleep(0.02)
     raise ServerError(f"process group {process.pid} outlived SIGKILL")
-
-
-def _group_members(pgid: int) -> list[int]:
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:  # exited while we looked
-            continue
-        state, _ppid, pgrp = stat[stat.rindex(")") + 2 :].split()[:3]
-        if int(pgrp) == pgid and state != "Z":
-            members.append(int(entry.name))
-    return members
 
 
 def _command_name(pid: int) -> str:
@@ -173,7 +158,9 @@ def _wait_sessions_gone(
     daemon itself) is left in the process group of ``group``: one runs per POP3 session."""
     deadline = time.monotonic() + timeout
     while sessions := [
-        pid for pid in _group_members(group.pid) if pid != group.pid and _command_name(pid) in names
+        pid
+        for pid in process_group_members(group.pid)
+        if pid != group.pid and _command_name(pid) in names
     ]:
         if time.monotonic() > deadline:
             raise ServerError(f"POP3 session processes {sessions} still running")
