@@ -2,18 +2,25 @@
 
 Owns: protocol versions, cipher choice, ALPN, loading and checking the
 certificate files (they parse, the key matches the certificate), and reading
-their names and expiry dates with `cryptography`. Must never log key material
-or accept TLS below 1.2 (RFC 8996, RFC 9325 section 3.1.1).
+their names and expiry dates with `cryptography`, and the session ticket keys
+that every context of a process (and every worker) shares. Must never log key
+material or accept TLS below 1.2 (RFC 8996, RFC 9325 section 3.1.1).
 """
 
 from __future__ import annotations
 
+import _ssl
 import asyncio
+import ctypes
 import datetime
+import functools
 import hashlib
 import logging
+import os
 import ssl
+import sys
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -90,11 +97,16 @@ class Certificates:
     ECDSA certificate for one host both serve, each to the clients that
     support it. With SNI the context whose names match is chosen (wildcards
     cover one left-most label, RFC 6125 section 6.4.3); without SNI, or
-    with no match, the first certificate's context serves.
+    with no match, the first certificate's context serves. Given
+    `ticket_keys`, every context issues and accepts tickets under them;
+    `tickets_shared` says whether that worked.
     """
 
-    def __init__(self, settings: TlsSettings, source: str) -> None:
+    def __init__(
+        self, settings: TlsSettings, source: str, ticket_keys: bytes | None = None
+    ) -> None:
         self.sni_strict = settings.sni == "strict"
+        self.tickets_shared = ticket_keys is not None
         self.loaded = [
             Loaded(files, inspect_certificate(files, source)) for files in settings.certificates
         ]
@@ -105,6 +117,8 @@ class Certificates:
             if context is None:
                 context = by_names[names] = _base_context(settings)
                 context.sni_callback = self._choose
+                if self.tickets_shared and ticket_keys is not None:
+                    self.tickets_shared = set_ticket_keys(context, ticket_keys)
             try:
                 context.load_cert_chain(loaded.files.cert, loaded.files.key)
             except (OSError, ssl.SSLError) as exc:
@@ -147,12 +161,26 @@ class CertificateStore:
     the old generation in service.
     """
 
-    def __init__(self, settings: TlsSettings, source: str, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        settings: TlsSettings,
+        source: str,
+        metrics: Metrics | None = None,
+        ticket_keys: bytes | None = None,
+    ) -> None:
         self.settings = settings  # certificates are re-read; the rest holds until restart
         self.source = source
         self.metrics = metrics
         self._fingerprint = self._read_fingerprint()
-        self.certificates = Certificates(settings, source)
+        self.certificates = Certificates(settings, source, ticket_keys)
+        # Kept for every later generation, so that tickets survive reloads;
+        # dropped (with one warning) when this process cannot set them.
+        self.ticket_keys = ticket_keys if self.certificates.tickets_shared else None
+        if ticket_keys is not None and self.ticket_keys is None:
+            log.warning(
+                "cannot set TLS session ticket keys: each TLS context keeps its own, so a"
+                " ticket resumes only in the process and certificate generation that issued it"
+            )
         self._report()
 
     @property
@@ -168,7 +196,7 @@ class CertificateStore:
         """Load the files again; True when the new certificates are in service."""
         fingerprint = self._read_fingerprint()
         try:
-            certificates = Certificates(self.settings, self.source)
+            certificates = Certificates(self.settings, self.source, self.ticket_keys)
         except CertificateError as exc:
             log.error("certificate reload failed, the old certificates stay in service: %s", exc)
             self._count("failure")
@@ -219,6 +247,84 @@ class CertificateStore:
                     f"{loaded.info.not_after:%Y-%m-%d %H:%M}Z",
                     left.days,
                 )
+
+
+# --- Session ticket keys -------------------------------------------------------
+#
+# RFC 5077 tickets (and TLS 1.3's, RFC 8446 section 4.6.1) are encrypted by the
+# server with keys OpenSSL makes per SSL_CTX. Python's ssl module cannot set
+# them, so contexts of different processes (workers) or generations (reloads)
+# cannot read each other's tickets. set_ticket_keys sets them through OpenSSL's
+# SSL_CTX_set_tlsext_ticket_keys, a macro for SSL_CTX_ctrl, with checks that
+# turn any mismatch into "not set" rather than a crash or a corrupted context.
+
+TICKET_KEYS_LENGTH = 80  # OpenSSL 1.1+: 16 bytes of key name, 32 of HMAC key, 32 of AES key
+SSL_CTRL_GET_TLSEXT_TICKET_KEYS = 58
+SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59
+
+
+def new_ticket_keys() -> bytes:
+    """Fresh random ticket keys, to share between the contexts of one lifetime."""
+    return os.urandom(TICKET_KEYS_LENGTH)
+
+
+@dataclass(frozen=True)
+class _LibSsl:
+    ctrl: Any  # long SSL_CTX_ctrl(SSL_CTX *, int, long, void *)
+    get_options: Any  # uint64_t SSL_CTX_get_options(const SSL_CTX *)
+
+
+@functools.cache
+def _libssl() -> _LibSsl | None:
+    """OpenSSL's functions as the running `_ssl` module links them, or None."""
+    if sys.implementation.name != "cpython":
+        return None  # the SSL_CTX pointer's place below is CPython's
+    try:
+        library = ctypes.CDLL(_ssl.__file__)
+        ctrl, get_options = library.SSL_CTX_ctrl, library.SSL_CTX_get_options
+    except (OSError, AttributeError, TypeError):
+        return None  # no shared _ssl module, or OpenSSL linked in statically and hidden
+    ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+    ctrl.restype = ctypes.c_long
+    get_options.argtypes = [ctypes.c_void_p]
+    get_options.restype = ctypes.c_uint64
+    return _LibSsl(ctrl, get_options)
+
+
+def _ssl_ctx(context: ssl.SSLContext) -> int | None:
+    """The SSL_CTX pointer of a context: in CPython's PySSLContext, the first
+    field after PyObject_HEAD (Modules/_ssl.c)."""
+    if type(context).__basicsize__ < object.__basicsize__ + ctypes.sizeof(ctypes.c_void_p):
+        return None
+    pointer = ctypes.c_void_p.from_address(id(context) + object.__basicsize__).value
+    return pointer or None
+
+
+def set_ticket_keys(context: ssl.SSLContext, keys: bytes) -> bool:
+    """Make `context` issue and accept session tickets under `keys`; False when it cannot.
+
+    Before writing, the pointer is checked to be this context's SSL_CTX (its
+    options, read through OpenSSL, are the context's) and OpenSSL to expect
+    keys of this length; after, the keys are read back. Any doubt: False,
+    and the context keeps the keys OpenSSL made for it.
+    """
+    if len(keys) != TICKET_KEYS_LENGTH:
+        raise ValueError(f"ticket keys are {TICKET_KEYS_LENGTH} bytes, not {len(keys)}")
+    library = _libssl()
+    pointer = _ssl_ctx(context)
+    if library is None or pointer is None:
+        return False
+    if library.get_options(pointer) != int(context.options):
+        return False
+    # With no buffer, the ctrl answers the key length this OpenSSL uses.
+    if library.ctrl(pointer, SSL_CTRL_GET_TLSEXT_TICKET_KEYS, 0, None) != TICKET_KEYS_LENGTH:
+        return False
+    if library.ctrl(pointer, SSL_CTRL_SET_TLSEXT_TICKET_KEYS, len(keys), keys) != 1:
+        return False
+    check = ctypes.create_string_buffer(TICKET_KEYS_LENGTH)
+    if library.ctrl(pointer, SSL_CTRL_GET_TLSEXT_TICKET_KEYS, len(check), check) != 1:
+        return False
+    return check.raw == keys
 
 
 def server_context(settings: TlsSettings, source: str) -> ssl.SSLContext:
