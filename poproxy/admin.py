@@ -14,10 +14,9 @@ import logging
 from collections.abc import Callable
 from typing import cast
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from poproxy import config
-from poproxy.metrics import Metrics
 
 log = logging.getLogger("poproxy.admin")
 
@@ -36,10 +35,14 @@ _REASONS = {
 
 
 class AdminServer:
-    """Serves the metrics registry and the health answers."""
+    """Serves a metrics registry and the health answers.
 
-    def __init__(self, metrics: Metrics, ready: Callable[[], bool]) -> None:
-        self.metrics = metrics
+    The registry is a `Metrics` object's, or, with `workers` > 1, the
+    supervisor's, which collects what every worker wrote (workers.py).
+    """
+
+    def __init__(self, registry: CollectorRegistry, ready: Callable[[], bool]) -> None:
+        self.registry = registry
         self.ready = ready
         self.address: tuple[str, int] = ("", 0)
         self._server: asyncio.Server | None = None
@@ -63,7 +66,7 @@ class AdminServer:
         path = target.split("?", 1)[0]
         match path:
             case "/metrics":
-                return 200, CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry)
+                return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
             case "/healthz":
                 return 200, "text/plain", b"ok\n"
             case "/readyz":

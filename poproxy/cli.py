@@ -18,7 +18,7 @@ from pathlib import Path
 
 import uvloop
 
-from poproxy import __version__, config, logs, probe, tls
+from poproxy import __version__, config, logs, probe, tls, workers
 from poproxy.backends import BackendError, Backends
 from poproxy.metrics import Metrics
 from poproxy.server import ListenError, PrivilegeError, Proxy, check_privileges, serve
@@ -29,6 +29,9 @@ log = logging.getLogger("poproxy")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [workers.WORKER_COMMAND]:
+        return _worker(argv[1:])
     parser = argparse.ArgumentParser(prog="poproxy", description="TLS-terminating POP3 proxy")
     parser.add_argument("--version", action="version", version=f"poproxy {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -47,13 +50,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             case "check-config":
                 return check_config(arguments.config)
             case "run":
-                settings = config.load(arguments.config)
+                path: Path = arguments.config
+                text = config.read(path)
+                settings = config.parse(text, source=str(path), base=path.parent)
                 check_privileges(settings)
                 logs.setup(settings.log.level, settings.log.format)
+                count = workers.count(settings.workers)
+                if count > 1:
+                    supervisor = workers.Supervisor(settings, path, text, count)
+                    return _run_until_signal(supervisor.run)
                 metrics = Metrics()
-                certificates = tls.CertificateStore(settings.tls, settings.source, metrics)
+                # Keys for the process's lifetime: tickets survive reloads.
+                certificates = tls.CertificateStore(
+                    settings.tls, settings.source, metrics, tls.new_ticket_keys()
+                )
                 proxy = Proxy(settings, certificates, metrics)
-                return _run_until_signal(lambda stop: serve(proxy, stop, arguments.config))
+                return _run_until_signal(lambda stop: serve(proxy, stop, path))
             case "demo":
                 from poproxy import demo  # only the demo needs its sample data
 
@@ -89,6 +101,8 @@ def check_config(path: Path) -> int:
         )
     for listener in settings.listeners:
         print(f"listener {listener.name}: {listener.listen} tls={listener.tls}")
+    if settings.workers != 1:
+        print(f"workers: {settings.workers} ({workers.count(settings.workers)} here)")
     for backend in settings.backends:
         servers = ", ".join(str(server) for server in backend.servers)
         print(f"backend {backend.name}: {servers}")
@@ -96,18 +110,33 @@ def check_config(path: Path) -> int:
     return 0
 
 
-def _run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> int:
-    """Run `main` on uvloop; SIGTERM and SIGINT set its stop event."""
+def _worker(argv: Sequence[str]) -> int:
+    """`_worker INDEX FD`: one worker of a supervisor (workers.py), not for operators."""
+    index, control = int(argv[0]), int(argv[1])
+    try:
+        return _run_until_signal(lambda stop: workers.worker(index, control, stop))
+    except (
+        config.ConfigError,
+        tls.CertificateError,
+        BackendError,
+        ListenError,
+        PrivilegeError,
+    ) as exc:
+        print(f"poproxy: worker {index}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
-    async def runner() -> None:
+
+def _run_until_signal(main: Callable[[asyncio.Event], Awaitable[int | None]]) -> int:
+    """Run `main` on uvloop; SIGTERM and SIGINT set its stop event; its status or 0."""
+
+    async def runner() -> int | None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         # SIGTERM (orchestrators) and SIGINT (Ctrl-C) both start the ordered
         # shutdown; a second one is ignored while the grace period runs.
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        await main(stop)
+        return await main(stop)
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner_:
-        runner_.run(runner())
-    return 0
+        return runner_.run(runner()) or 0

@@ -145,18 +145,25 @@ class Config:
     auth_http: AuthHttpSettings | None = None  # replaces routes when set
     user: str | None = None  # started as root: drop to this user after binding
     group: str | None = None
+    # Processes that serve clients; "auto": one per CPU this process may run
+    # on. With more than one, a supervisor binds and restarts them (workers.py).
+    workers: int | Literal["auto"] = 1
     source: str = "<config>"
 
 
 def load(path: Path) -> Config:
     """Read and validate a YAML file; raise ConfigError with a one-line reason."""
+    return parse(read(path), source=str(path), base=path.parent)
+
+
+def read(path: Path) -> str:
+    """The text of a configuration file (`load` without the validation)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
-    return parse(text, source=str(path), base=path.parent)
 
 
 def parse(text: str, *, source: str = "<config>", base: Path | None = None) -> Config:
@@ -188,6 +195,7 @@ def _config(root: _Node, base: Path) -> Config:
             "auth_http",
             "user",
             "group",
+            "workers",
         }
     )
     listeners = tuple(_listener(item) for item in mapping.required("listeners").sequence())
@@ -211,6 +219,7 @@ def _config(root: _Node, base: Path) -> Config:
         auth_http=_auth_http(mapping.optional("auth_http")),
         user=_account(mapping.optional("user")),
         group=_account(mapping.optional("group")),
+        workers=_workers(mapping.optional("workers")),
         source=root.source,
     )
 
@@ -486,6 +495,17 @@ def _account(node: _Node) -> str | None:
     if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}", value):
         node.fail(f"invalid user or group name {value!r}")
     return value
+
+
+MAX_WORKERS = 1024  # more is a typo, not a machine
+
+
+def _workers(node: _Node) -> int | Literal["auto"]:
+    if node.value == "auto":
+        return "auto"
+    if node.present and (not isinstance(node.value, int) or isinstance(node.value, bool)):
+        node.fail(f"expected an integer or auto (got {node.value!r})")
+    return node.integer(1, low=1, high=MAX_WORKERS)
 
 
 def _log(node: _Node) -> LogSettings:

@@ -6,6 +6,12 @@ appears after its first event hides the events before a scrape). Must never
 use a user name, a client address or a session id as a label value: labels
 come from config names and the fixed enums below. Never a module global:
 tests build a fresh `Metrics` each.
+
+With `workers` > 1 each worker process writes its values to files of
+prometheus-client's multiprocess mode, and the supervisor adds them up:
+counters and histograms are summed; each gauge says below how its workers'
+values combine (`multiprocess_mode`; "live" leaves out workers that died).
+In one process the modes change nothing.
 """
 
 from __future__ import annotations
@@ -64,6 +70,10 @@ CONNECTION_CAPS = ("max_connections", "max_connections_per_ip")
 PLAINTEXT_ON_TLS_PORT = "plaintext_on_tls_port"  # kinds of port mix-up
 TLS_ON_STARTTLS_PORT = "tls_on_starttls_port"
 CERTIFICATE_RELOAD_RESULTS = ("success", "failure")
+READY_HELP = (
+    "1 when every listener is bound and every backend has a usable server;"
+    " 0 while starting or shutting down."
+)
 
 
 class Metrics:
@@ -82,7 +92,11 @@ class Metrics:
             registry=r,
         )
         self.connections_active = Gauge(
-            "poproxy_connections_active", "Client connections open now.", ["listener"], registry=r
+            "poproxy_connections_active",
+            "Client connections open now.",
+            ["listener"],
+            registry=r,
+            multiprocess_mode="livesum",  # every worker's connections
         )
         self.tls_handshakes = Counter(
             "poproxy_tls_handshakes",
@@ -173,12 +187,16 @@ class Metrics:
             " the last attempt to use it decide; 0 if it is marked down.",
             ["backend", "server"],
             registry=r,
+            # Each worker has its own marks: down for any worker means some
+            # logins fail over or are refused, which is what the alert is for.
+            multiprocess_mode="livemin",
         )
         self.certificate_expiry = Gauge(
             "poproxy_certificate_expiry_timestamp_seconds",
             "When each configured certificate expires, as a Unix time.",
             ["certificate"],
             registry=r,
+            multiprocess_mode="livemin",  # a worker still on an older certificate shows
         )
         self.certificate_reloads = Counter(
             "poproxy_certificate_reloads", "Certificate reloads, by result.", ["result"],
@@ -186,13 +204,13 @@ class Metrics:
         )  # fmt: skip
         self.ready = Gauge(
             "poproxy_ready",
-            "1 when every listener is bound and every backend has a usable server;"
-            " 0 while starting or shutting down.",
+            READY_HELP,
             registry=r,
+            multiprocess_mode="livemin",  # ready only when every worker is
         )
         self.build_info = Gauge(
             "poproxy_build_info", "Always 1; the labels say which poproxy runs.", ["version"],
-            registry=r,
+            registry=r, multiprocess_mode="livemax",
         )  # fmt: skip
         self.build_info.labels(__version__).set(1)
         for result in LoginResult:

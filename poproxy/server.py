@@ -3,9 +3,10 @@
 Owns: binding every configured listener, the connection caps at accept, a
 `Session` per accepted connection, reloading the configuration on SIGHUP
 without touching sessions in flight, dropping root after binding, and the
-shutdown sequence with its single grace period. Must never send a QUIT to a
-backend for a client, not even at shutdown: sessions still relaying when the
-grace period ends are cut.
+shutdown sequence with its single grace period. The same `Proxy` runs alone or
+as one worker of `workers.py`'s supervisor, on the sockets it was handed. Must
+never send a QUIT to a backend for a client, not even at shutdown: sessions
+still relaying when the grace period ends are cut.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pwd
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,11 +70,18 @@ class Proxy:
     wraps them in a transport itself: on an implicit-TLS listener the TLS
     layer must see the ClientHello, which a plain transport would already
     have read.
+
+    As worker `worker` of a supervisor (workers.py), it takes its listening
+    sockets from `inherited` (keyed by `listener_identity`), binds any
+    other with SO_REUSEPORT beside the other workers, and serves no admin
+    endpoint: the supervisor does, for every worker.
     """
 
     config: Config
     certificates: tls.CertificateStore
     metrics: Metrics
+    worker: int | None = None
+    inherited: dict[tuple[str, Address, str], socket.socket] = field(default_factory=dict)
     backends: Backends = field(init=False)
     admin: AdminServer = field(init=False)
     connections: ConnectionCounter = field(init=False)
@@ -95,12 +104,15 @@ class Proxy:
         )
         settings = self.config.auth_http
         self.auth_http = AuthHttpClient(settings) if settings else None
-        self.admin = AdminServer(self.metrics, self.ready)
+        self.admin = AdminServer(self.metrics.registry, self.ready)
         self.connections = ConnectionCounter(limits.max_connections, limits.max_connections_per_ip)
         self.trusted = Networks(limits.trusted_networks)
         self.penalty = AuthPenalty(limits.auth_failure_delay, limits.auth_penalty_max, self.trusted)
         self.metrics.configure(self.config)
-        self.metrics.ready.set_function(lambda: 1 if self.ready() else 0)
+        if self.worker is None:
+            # A worker's values are read from files, where a function cannot
+            # go: it sets the gauge itself (workers.py).
+            self.metrics.ready.set_function(lambda: 1 if self.ready() else 0)
         self._idle.set()
 
     async def idle(self) -> None:
@@ -115,7 +127,10 @@ class Proxy:
     async def start(self) -> None:
         """Bind every listener; on a failure close what was bound and raise ListenError."""
         self._listening = await self._bind_all(self.config, self.config.listeners)
-        if self.config.metrics is not None:
+        for sock in self.inherited.values():
+            sock.close()  # a listener this configuration does not have
+        self.inherited.clear()
+        if self.config.metrics is not None and self.worker is None:
             try:
                 await self.admin.start(self.config.metrics.listen)
             except OSError as exc:
@@ -161,8 +176,12 @@ class Proxy:
         """Bind `listeners` (all or none: on a failure, close what was bound)."""
         bound: list[_Listening] = []
         for listener in listeners:
+            sock = self.inherited.pop(listener_identity(listener), None)
             try:
-                sock = await _bind(listener.listen)
+                if sock is None:
+                    sock = await _bind(listener.listen, reuse_port=self.worker is not None)
+                else:
+                    sock.setblocking(False)
             except OSError as exc:
                 self._close(bound)
                 index = settings.listeners.index(listener)
@@ -269,10 +288,12 @@ class Proxy:
         do not load or a listener that cannot be bound leave the running
         configuration in service (the caller logs why).
         """
-        certificates = tls.CertificateStore(settings.tls, settings.source, self.metrics)
+        certificates = tls.CertificateStore(
+            settings.tls, settings.source, self.metrics, self.certificates.ticket_keys
+        )
         backends = Backends(settings.backends, self.metrics, settings.routes, settings.source)
-        current = {_identity(listening.listener): listening for listening in self._listening}
-        wanted = {_identity(listener): listener for listener in settings.listeners}
+        current = {listener_identity(item.listener): item for item in self._listening}
+        wanted = {listener_identity(listener): listener for listener in settings.listeners}
         added = await self._bind_all(
             settings, tuple(listener for key, listener in wanted.items() if key not in current)
         )
@@ -294,7 +315,7 @@ class Proxy:
         self._close(removed)
         kept = [listening for key, listening in current.items() if key in wanted]
         for listening in kept:
-            listening.context = self._context(wanted[_identity(listening.listener)])
+            listening.context = self._context(wanted[listener_identity(listening.listener)])
         for listening in added:
             listening.context = self._context(listening.listener)
             self._open(listening)
@@ -342,8 +363,8 @@ class Proxy:
                 listening.sock.close()
 
 
-def _identity(listener: Listener) -> tuple[str, Address, str]:
-    # A listener whose name, address and mode stay the same keeps its socket.
+def listener_identity(listener: Listener) -> tuple[str, Address, str]:
+    """A listener whose name, address and mode stay the same keeps its socket."""
     return (listener.name, listener.listen, listener.tls)
 
 
@@ -351,16 +372,39 @@ def _reason(exc: OSError) -> str:
     return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
-async def _bind(address: Address) -> socket.socket:
+async def _bind(address: Address, *, reuse_port: bool = False) -> socket.socket:
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(
         address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )
     family, _, _, _, sockaddr = infos[0]
     # An IPv6 listener is IPv6 only, so "0.0.0.0:995" and "[::]:995" can both be bound.
-    sock = socket.create_server(sockaddr, family=family, backlog=BACKLOG)
+    sock = socket.create_server(sockaddr, family=family, backlog=BACKLOG, reuse_port=reuse_port)
     sock.setblocking(False)
     return sock
+
+
+async def bind_workers(settings: Config, listener: Listener, count: int) -> list[socket.socket]:
+    """`count` sockets on one listener's address with SO_REUSEPORT, one per worker.
+
+    The kernel spreads new connections over them. With port 0 the first
+    socket's port is taken for the others, so that all share one.
+    """
+    bound: list[socket.socket] = []
+    address = listener.listen
+    try:
+        for _ in range(count):
+            bound.append(await _bind(address, reuse_port=True))
+            address = Address(address.host, bound[0].getsockname()[1])
+    except OSError as exc:
+        for sock in bound:
+            sock.close()
+        index = settings.listeners.index(listener)
+        raise ListenError(
+            f"{settings.source}: listeners[{index}].listen: cannot listen on"
+            f" {listener.listen}: {_reason(exc)}"
+        ) from None
+    return bound
 
 
 def check_privileges(settings: Config) -> tuple[int, int] | None:
@@ -406,8 +450,18 @@ def drop_privileges(settings: Config) -> None:
     log.info("dropped root: running as %s (uid %d, gid %d)", settings.user, uid, gid)
 
 
-async def serve(proxy: Proxy, stop: asyncio.Event, path: Path | None = None) -> None:
-    """Run until `stop` is set, then shut down in order; SIGHUP reloads `path`."""
+async def serve(
+    proxy: Proxy,
+    stop: asyncio.Event,
+    path: Path | None = None,
+    report: Callable[[str], None] | None = None,
+) -> None:
+    """Run until `stop` is set, then shut down in order; SIGHUP reloads `path`.
+
+    `report` hears the sd_notify(3) states (READY=1, RELOADING=1, STOPPING=1):
+    `notify` tells systemd; a worker tells its supervisor instead.
+    """
+    report = notify if report is None else report
     loop = asyncio.get_running_loop()
     started = asyncio.Event()
     reloading: set[asyncio.Task[None]] = set()
@@ -416,16 +470,19 @@ async def serve(proxy: Proxy, stop: asyncio.Event, path: Path | None = None) -> 
         await started.wait()  # a SIGHUP during start-up applies once it is done
         if proxy.stopping:
             return
-        notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        report(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
             if path is None:
                 proxy.certificates.reload()
             else:
-                await proxy.reload(load_config(path))
+                settings = load_config(path)
+                if proxy.worker is None and settings.workers != proxy.config.workers:
+                    log.warning("workers: changed in %s; a restart applies it", path)
+                await proxy.reload(settings)
         except (ConfigError, tls.CertificateError, BackendError, ListenError) as exc:
             log.error("reload failed, the running configuration stays: %s", exc)
         finally:
-            notify("READY=1")
+            report("READY=1")
 
     def on_sighup() -> None:
         task = loop.create_task(reload())
@@ -437,10 +494,10 @@ async def serve(proxy: Proxy, stop: asyncio.Event, path: Path | None = None) -> 
     await proxy.start()
     drop_privileges(proxy.config)
     started.set()
-    notify("READY=1\nSTATUS=serving")
+    report("READY=1\nSTATUS=serving")
     await stop.wait()
     log.info("shutting down")
-    notify("STOPPING=1")
+    report("STOPPING=1")
     await proxy.shutdown()
 
 

@@ -196,6 +196,15 @@ class TestValid:
         )
         assert parsed.log.level == "debug"
 
+    @pytest.mark.parametrize(
+        ("value", "expected"), [(1, 1), (2, 2), (1024, 1024), ("auto", "auto")]
+    )
+    def test_workers(self, value: object, expected: object) -> None:
+        assert parse(dump(setting(("workers",), value)())).workers == expected
+
+    def test_one_worker_by_default(self) -> None:
+        assert parse(MINIMAL).workers == 1
+
     def test_empty_limits_and_log_mappings(self) -> None:
         document = copy.deepcopy(BASE)
         document["limits"] = {}
@@ -311,7 +320,7 @@ ERRORS: list[tuple[str, Callable[[], dict[str, Any]], str]] = [
         setting(("listener",), []),
         "test.yaml: listener: unknown key"
         " (expected one of: auth_http, backends, group, limits, listeners, log, metrics, routes,"
-        " tls, user)",
+        " tls, user, workers)",
     ),
     (
         "unknown listener key",
@@ -614,6 +623,44 @@ ERRORS: list[tuple[str, Callable[[], dict[str, Any]], str]] = [
         "test.yaml: backends[0].servers: expected a list",
     ),
     ("empty limits", setting(("limits",), None), "test.yaml: limits: expected a mapping of keys"),
+    # Workers: a positive integer or auto.
+    ("zero workers", setting(("workers",), 0), "test.yaml: workers: 0 out of range (1-1024)"),
+    ("negative workers", setting(("workers",), -1), "test.yaml: workers: -1 out of range (1-1024)"),
+    (
+        "too many workers",
+        setting(("workers",), 1025),
+        "test.yaml: workers: 1025 out of range (1-1024)",
+    ),
+    (
+        "workers as a word",
+        setting(("workers",), "x"),
+        "test.yaml: workers: expected an integer or auto (got 'x')",
+    ),
+    (
+        "workers as a quoted number",
+        setting(("workers",), "2"),
+        "test.yaml: workers: expected an integer or auto (got '2')",
+    ),
+    (
+        "workers as a boolean",
+        setting(("workers",), True),
+        "test.yaml: workers: expected an integer or auto (got True)",
+    ),
+    (
+        "workers as a fraction",
+        setting(("workers",), 1.5),
+        "test.yaml: workers: expected an integer or auto (got 1.5)",
+    ),
+    (
+        "workers: Auto",
+        setting(("workers",), "Auto"),
+        "test.yaml: workers: expected an integer or auto (got 'Auto')",
+    ),
+    (
+        "workers left empty",
+        setting(("workers",), None),
+        "test.yaml: workers: expected an integer or auto (got None)",
+    ),
 ]
 
 
