@@ -575,12 +575,13 @@ def tail(path: Path, lines: int = 5) -> str:
     return "(no log)"
 
 
-def start_poproxy(setup: Setup, log_level: str) -> Running:
+def start_poproxy(setup: Setup, log_level: str, workers: int = 1) -> Running:
     implicit, starttls = free_port(), free_port()
     cfg = setup.workdir / "poproxy.yaml"
     cfg.write_text(
         f"""\
 user: root
+workers: {workers}
 listeners:
   - {{name: pop3s, listen: "{HOST}:{implicit}", tls: implicit}}
   # 0s: the default 200ms window would delay every STLS greeting.
@@ -598,7 +599,18 @@ log:
   level: {log_level}
 """
     )
-    return launch("poproxy", [str(POPROXY), "run", "-c", str(cfg)], setup, implicit, starttls)
+    running = launch("poproxy", [str(POPROXY), "run", "-c", str(cfg)], setup, implicit, starttls)
+    if workers > 1:
+        # The supervisor's sockets take connections before the workers exist: wait
+        # until every worker serves, then pin the whole tree again, workers included.
+        deadline = time.monotonic() + START_TIMEOUT
+        while b"workers serving" not in running.log.read_bytes():
+            if running.process.poll() is not None or time.monotonic() > deadline:
+                running.stop()
+                raise Unavailable(f"poproxy workers did not start: {tail(running.log)}")
+            time.sleep(0.05)
+        pin(running.pids(), PROXY_CPU)
+    return running
 
 
 def start_nginx(setup: Setup, proxy_buffer: str | None) -> Running:
@@ -1042,6 +1054,7 @@ class Options:
     backend: str
     poproxy_log_level: str
     nginx_proxy_buffer: str | None
+    poproxy_workers: int
     command: str
 
 
@@ -1064,7 +1077,7 @@ async def run_rounds(options: Options, workdir: Path) -> tuple[list[Measurement]
         max_connections=idle + 2 * plan.concurrency + 256,
     )
     starters: dict[str, Callable[[], Running]] = {
-        "poproxy": lambda: start_poproxy(setup, options.poproxy_log_level),
+        "poproxy": lambda: start_poproxy(setup, options.poproxy_log_level, options.poproxy_workers),
         "nginx": lambda: start_nginx(setup, options.nginx_proxy_buffer),
         "haproxy": lambda: start_haproxy(setup),
         "stunnel": lambda: start_stunnel(setup),
@@ -1073,6 +1086,8 @@ async def run_rounds(options: Options, workdir: Path) -> tuple[list[Measurement]
     results: list[Measurement] = []
     unavailable: dict[str, str] = {}
     notes = {"backend": backend.description, "idle": str(idle)}
+    if options.poproxy_workers > 1:
+        notes["poproxy workers"] = f"{options.poproxy_workers}, all on CPU {PROXY_CPU}"
     try:
         for round_ in range(plan.rounds):
             order = list(options.systems[round_:] + options.systems[:round_])
@@ -1268,7 +1283,9 @@ async def profile(options: Options, workdir: Path, seconds: float, output: Path)
     backend = await asyncio.to_thread(start_mailbox_backend, workdir)
     setup = Setup(workdir, certificates, backend.port, 0, plan.concurrency + 256)
     bench = Bench(plan, expected, certificates)
-    target = await asyncio.to_thread(start_poproxy, setup, options.poproxy_log_level)
+    target = await asyncio.to_thread(
+        start_poproxy, setup, options.poproxy_log_level, options.poproxy_workers
+    )
     try:
         await bench.sessions(target, "full", 0, plan.warmup, SESSION_TIMEOUT)
         raw = output.with_suffix(".txt")
@@ -1390,6 +1407,9 @@ def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Options]:
     parser.add_argument("--backend", choices=("mailbox", "dovecot"), default="mailbox")
     parser.add_argument("--poproxy-log-level", default="info", help="poproxy's log.level")
     parser.add_argument(
+        "--poproxy-workers", type=int, default=1, help="poproxy's workers (default 1)"
+    )
+    parser.add_argument(
         "--nginx-proxy-buffer", help="nginx mail proxy_buffer (default: nginx's, one page)"
     )
     parser.add_argument("--markdown", type=Path, help="also write the report here")
@@ -1422,6 +1442,8 @@ def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Options]:
             parser.error(f"unknown: {', '.join(sorted(unknown))} (choose from {allowed})")
     if plan.rounds < 1 or plan.concurrency < 1 or plan.sessions < 1 or plan.idle < 1:
         parser.error("rounds, concurrency, sessions and idle must be at least 1")
+    if args.poproxy_workers < 1:
+        parser.error("--poproxy-workers must be at least 1")
     command = " ".join(["python", "bench/run.py", *(argv if argv is not None else sys.argv[1:])])
     return args, Options(
         plan=plan,
@@ -1429,6 +1451,7 @@ def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Options]:
         workloads=workloads,
         backend=args.backend,
         poproxy_log_level=args.poproxy_log_level,
+        poproxy_workers=args.poproxy_workers,
         nginx_proxy_buffer=args.nginx_proxy_buffer,
         command=command,
     )
