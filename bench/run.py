@@ -1500,7 +1500,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.cpu_count() is None or (os.cpu_count() or 0) < 2:
         raise SystemExit("needs 2 CPUs: the load on CPU 0, the system under test on CPU 1")
     os.sched_setaffinity(0, {LOAD_CPU})  # children started from here inherit it
-    raise_file_limit(2 * options.plan.idle + 2048)
+    # The proxy holds two descriptors per idle session (client and backend)
+    # and inherits this process's limit; a few hundred more for the rest.
+    raise_file_limit(2 * options.plan.idle + 384)
     with working_directory(args.workdir) as workdir:
         if args.profile is not None:
             text = uvloop.run(profile(options, workdir, args.profile_seconds, args.profile))
