@@ -21,6 +21,9 @@ Workloads, per system and round:
   stls     the same over STLS on the plaintext port (where supported).
   relay    logged-in sessions doing RETR of a 10 MiB message: proxy CPU s
            per GB (1e9 bytes of message) relayed.
+  hello    TLS (full handshake), the greeting and QUIT, no login: what the
+           TLS front door alone costs per connection.
+  hello-resumed  the same, resumed from the previous connection's ticket.
 
 Every reply is checked (STAT and LIST sizes, every message byte for byte), a
 session that fails is counted as an error and not as work done.
@@ -95,7 +98,9 @@ DOVECOT_IDLE_MAX = 90  # Dovecot's default process_limit is 100 (tests/support/d
 
 SYSTEMS = ("nginx", "poproxy", "haproxy", "stunnel")
 BASELINE = "nginx"
-WORKLOADS = ("idle", "full", "resumed", "stls", "relay")
+WORKLOADS = ("idle", "full", "resumed", "stls", "relay", "hello", "hello-resumed")
+# Workloads that resume the TLS session of each client's previous session.
+RESUMING = ("resumed", "hello-resumed")
 
 
 class BenchError(Exception):
@@ -773,6 +778,20 @@ async def quit_session(streams: Streams) -> None:
         await writer.wait_closed()
 
 
+async def hello_session(target: Running, context: ClientContext) -> ssl.SSLObject:
+    """TLS and the greeting, then QUIT: what the TLS front end alone costs."""
+    reader, writer = await asyncio.open_connection(
+        HOST, target.implicit_port, ssl=context, server_hostname=SERVER_NAME, limit=STREAM_LIMIT
+    )
+    try:
+        await reply(reader, "greeting")
+        ssl_object: ssl.SSLObject = writer.get_extra_info("ssl_object")
+        await quit_session((reader, writer))
+        return ssl_object
+    finally:
+        writer.transport.abort()  # a no-op after a clean QUIT
+
+
 async def pop3_session(
     target: Running, context: ClientContext, expected: Expected, *, stls: bool, user: str
 ) -> ssl.SSLObject:
@@ -912,9 +931,11 @@ class Bench:
     async def sessions(
         self, target: Running, workload: str, round_: int, count: int, seconds: float
     ) -> Measurement:
-        """`full`, `resumed` or `stls` sessions at fixed concurrency; proxy CPU ms per session."""
+        """`full`, `resumed`, `stls`, `hello` or `hello-resumed` sessions at fixed
+        concurrency; proxy CPU ms per session."""
         stls = workload == "stls"
-        resume = workload == "resumed"
+        resume = workload in RESUMING
+        hello = workload.startswith("hello")
         for context in self.contexts:
             context.offer = None
         if resume:  # a ticket for each worker, from a session outside the window
@@ -922,7 +943,9 @@ class Bench:
                 self.plan.concurrency,
                 SESSION_TIMEOUT,
                 self.plan.concurrency,
-                lambda i: self._one(target, i, stls=False, keep_ticket=True, tally=None),
+                lambda i: self._one(
+                    target, i, stls=False, hello=hello, keep_ticket=True, tally=None
+                ),
             )
         await asyncio.sleep(SETTLE)
         tally = Tally()
@@ -931,7 +954,7 @@ class Bench:
             count,
             seconds,
             self.plan.concurrency,
-            lambda i: self._one(target, i, stls=stls, keep_ticket=resume, tally=tally),
+            lambda i: self._one(target, i, stls=stls, hello=hello, keep_ticket=resume, tally=tally),
         )
         await asyncio.sleep(SETTLE)
         window = Window.between(before, target.counters())
@@ -950,12 +973,22 @@ class Bench:
         )
 
     async def _one(
-        self, target: Running, index: int, *, stls: bool, keep_ticket: bool, tally: Tally | None
+        self,
+        target: Running,
+        index: int,
+        *,
+        stls: bool,
+        hello: bool,
+        keep_ticket: bool,
+        tally: Tally | None,
     ) -> None:
         context = self.contexts[index]
-        ssl_object = await pop3_session(
-            target, context, self.expected, stls=stls, user=self.user(index)
-        )
+        if hello:
+            ssl_object = await hello_session(target, context)
+        else:
+            ssl_object = await pop3_session(
+                target, context, self.expected, stls=stls, user=self.user(index)
+            )
         if keep_ticket:
             context.offer = ssl_object.session
         if tally is not None:
@@ -1142,7 +1175,7 @@ def describe(m: Measurement) -> str:
     if m.workload != "idle":
         text += f" cpu={m.utilisation:.0f}% (kernel {100 * m.system_share:.0f}%)"
         text += f" others-on-cpu{PROXY_CPU}={m.interference:.0f}%"
-    if m.workload == "resumed":
+    if m.workload in RESUMING:
         text += f" resumed={100 * m.resumed:.0f}%"
     if m.first_error:
         text += f" first error: {m.first_error}"
@@ -1156,6 +1189,9 @@ ROWS = (
     ("stls", "CPU ms per STLS session (full handshake)"),
     ("relay", "CPU s per GB relayed (RETR of 10 MiB)"),
     ("idle", "KiB RSS per idle logged-in session"),
+    ("hello", "CPU ms per TLS connection: handshake, greeting, QUIT (no login)"),
+    ("hello-resumed", "the same, resumed (TLS 1.3 ticket)"),
+    ("hello-resumed/hello", "resumed ÷ full TLS connection, same system"),
 )
 
 
@@ -1165,8 +1201,9 @@ def medians(results: list[Measurement]) -> dict[tuple[str, str], float]:
         grouped[m.system, m.workload].append(m.value)
     table = {key: statistics.median(values) for key, values in grouped.items()}
     for system in {m.system for m in results}:
-        if (system, "full") in table and (system, "resumed") in table:
-            table[system, "resumed/full"] = table[system, "resumed"] / table[system, "full"]
+        for full, resumed in (("full", "resumed"), ("hello", "hello-resumed")):
+            if (system, full) in table and (system, resumed) in table:
+                table[system, f"{resumed}/{full}"] = table[system, resumed] / table[system, full]
     return table
 
 
@@ -1190,7 +1227,7 @@ def report(results: list[Measurement], notes: dict[str, str], options: Options) 
             value = table.get((system, key))
             if value is None:
                 cells.append("n/a")
-            elif key == "resumed/full":
+            elif "/" in key:
                 cells.append(f"{value:.2f}")
             else:
                 ratio = f" ({value / base:.2f}x)" if base else ""
@@ -1225,7 +1262,7 @@ def report(results: list[Measurement], notes: dict[str, str], options: Options) 
                 load = f"{rate:.0f} sessions/s"
                 cpu = f"{statistics.median(m.utilisation for m in runs):.0f}%"
             extra = []
-            if workload == "resumed":
+            if workload in RESUMING:
                 extra.append(f"resumed {100 * min(m.resumed for m in runs):.0f}% or more")
             protocols = {m.protocol for m in runs if m.protocol}
             extra.extend(sorted(protocols))
@@ -1486,7 +1523,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.cpu_count() is None or (os.cpu_count() or 0) < 2:
         raise SystemExit("needs 2 CPUs: the load on CPU 0, the system under test on CPU 1")
     os.sched_setaffinity(0, {LOAD_CPU})  # children started from here inherit it
-    raise_file_limit(2 * options.plan.idle + 2048)
+    # The proxy holds two descriptors per idle session (client and backend)
+    # and inherits this process's limit; a few hundred more for the rest.
+    raise_file_limit(2 * options.plan.idle + 384)
     with working_directory(args.workdir) as workdir:
         if args.profile is not None:
             text = uvloop.run(profile(options, workdir, args.profile_seconds, args.profile))

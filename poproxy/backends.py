@@ -381,13 +381,15 @@ class Pool:
 
     async def _line(self, exchange: _Exchange) -> bytes:
         """Read one line, however it is split across reads."""
+        deadline = None
         try:
-            async with asyncio.timeout(self.backend.reply_timeout):
-                while (line := exchange.lines.next_line()) is None:
-                    data = await exchange.channel.read()
-                    if not data:
-                        raise _Unusable("connection closed")
-                    exchange.lines.feed(data)
+            while (line := exchange.lines.next_line()) is None:
+                if deadline is None:
+                    deadline = asyncio.get_running_loop().time() + self.backend.reply_timeout
+                data = await exchange.channel.read(deadline)
+                if not data:
+                    raise _Unusable("connection closed")
+                exchange.lines.feed(data)
         except TimeoutError:
             raise _Unusable("reply timeout") from None
         except LineTooLong:
@@ -415,6 +417,7 @@ class Backends:
         for problem in self.router.refresh():  # map files are read now, then when changed
             log.error("routes: %s", problem)
         self._direct: dict[config.Address, Pool] = {}
+        self._extensions: tuple[tuple[frozenset[bytes], ...], tuple[bytes, ...] | None] = ((), None)
 
     def route(self, user: bytes) -> tuple[Pool, config.Address | None, bytes]:
         """The pool for `user`, a single server when a map file names one, and the
@@ -466,16 +469,21 @@ class Backends:
         None while no server has answered: the policy then uses its
         conservative list.
         """
-        known = [
+        known = tuple(
             state.capabilities
             for pool in self.pools.values()
             for state in pool.servers.values()
             if state.capabilities is not None
-        ]
-        if not known:
-            return None
-        common = frozenset.intersection(*known)
-        return tuple(sorted(line for line in common if line.split(b" ", 1)[0] not in PROXY_OWN))
+        )
+        if known != self._extensions[0]:  # every session asks; checks rarely change it
+            lines = None
+            if known:
+                common = frozenset.intersection(*known)
+                lines = tuple(
+                    sorted(line for line in common if line.split(b" ", 1)[0] not in PROXY_OWN)
+                )
+            self._extensions = known, lines
+        return self._extensions[1]
 
     async def run_checks(self) -> None:
         await asyncio.gather(*(pool.run_checks() for pool in self.pools.values()))

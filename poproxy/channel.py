@@ -69,21 +69,27 @@ class Channel(asyncio.Protocol):
     def writing_paused(self) -> bool:
         return self._writing_paused
 
-    async def read(self) -> bytes:
+    async def read(self, deadline: float | None = None) -> bytes:
         """Wait for bytes and return all of them; b"" when the stream ended.
 
         Calling it means the caller is ready for more: reading resumes if
-        it was paused.
+        it was paused. With a `deadline` (the loop's clock) it raises
+        TimeoutError when nothing came by then: one timer, where
+        `asyncio.timeout` would cost a context manager per reply line.
         """
         if self._reading_paused and not self.closed:
             self._reading_paused = False
             self.connected().resume_reading()
         while not self._buffer and not self.closed:
-            self._readable = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            self._readable = waiter = loop.create_future()
+            timer = None if deadline is None else loop.call_at(deadline, _expire, waiter)
             try:
-                await self._readable
+                await waiter
             finally:
                 self._readable = None
+                if timer is not None:
+                    timer.cancel()
         return self.take()
 
     def take(self) -> bytes:
@@ -128,3 +134,8 @@ class Channel(asyncio.Protocol):
 def _wake(waiter: asyncio.Future[None] | None) -> None:
     if waiter is not None and not waiter.done():
         waiter.set_result(None)
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())

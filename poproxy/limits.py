@@ -14,6 +14,7 @@ identical password not counted again).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 from collections import OrderedDict
@@ -24,15 +25,26 @@ REMEMBERED_ATTEMPTS = 10  # identical retries recognised per address
 MAX_TRACKED_ADDRESSES = 100_000  # bounded memory under a spread-out attack
 
 
-def address_key(address: str) -> str:
-    """The key connections and failures are counted under: the IPv4 address, or the /64."""
+@functools.lru_cache(maxsize=4096)
+def _parse(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    # Cached: every connection asks twice (its key, whether it is trusted),
+    # and the same clients come back again and again.
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+@functools.lru_cache(maxsize=4096)
+def address_key(address: str) -> str:
+    """The key connections and failures are counted under: the IPv4 address, or the /64."""
+    ip = _parse(address)
+    if ip is None:
         return address
     if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
         return str(ipaddress.IPv6Network((ip, IPV6_PREFIX), strict=False))
     return str(ip)
 
@@ -44,13 +56,10 @@ class Networks:
         self.networks = [ipaddress.ip_network(network, strict=False) for network in networks]
 
     def __contains__(self, address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
+        if not self.networks:
             return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in network for network in self.networks)
+        ip = _parse(address)
+        return ip is not None and any(ip in network for network in self.networks)
 
 
 @dataclass

@@ -8,12 +8,12 @@ password or an AUTH payload: events carry only the fields named here.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import logging
 import re
 import sys
+import time
 from collections.abc import Mapping
 from typing import Literal
 
@@ -23,6 +23,7 @@ FIELDS = "poproxy_fields"
 Value = str | int | float | None
 
 _BARE = re.compile(r"[A-Za-z0-9_.:/@+\-\[\]]+")
+_LEVELS = {level: logging.getLevelName(level).lower() for level in (10, 20, 30, 40, 50)}
 
 
 def event(logger: logging.Logger, level: int, message: str, fields: Mapping[str, Value]) -> None:
@@ -41,46 +42,65 @@ def show_user(user: bytes | None, mode: Literal["plain", "hash", "omit"]) -> str
     return user.decode("utf-8", "replace")
 
 
-def _timestamp(record: logging.LogRecord) -> str:
-    moment = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+class _Clock:
+    """UTC timestamps with milliseconds; the date part is formatted once a second."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def timestamp(self, created: float) -> str:
+        second = int(created)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._prefix}.{int((created - second) * 1000):03d}Z"
 
 
-def _fields(formatter: logging.Formatter, record: logging.LogRecord) -> dict[str, Value]:
-    """The record's fields, in the order both formats write them."""
-    fields: dict[str, Value] = {
-        "time": _timestamp(record),
-        "level": record.levelname.lower(),
-        "logger": record.name,
-        "msg": record.getMessage(),
-    }
-    fields.update(getattr(record, FIELDS, {}))
-    if record.exc_info:
-        fields["error"] = formatter.formatException(record.exc_info)
-    return fields
+class _Formatter(logging.Formatter):
+    """The fields both formats write, in the order they write them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._clock = _Clock()
+
+    def fields(self, record: logging.LogRecord) -> dict[str, Value]:
+        fields: dict[str, Value] = {
+            "time": self._clock.timestamp(record.created),
+            "level": _LEVELS.get(record.levelno) or record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        extra = getattr(record, FIELDS, None)
+        if extra:
+            fields.update(extra)
+        if record.exc_info:
+            fields["error"] = self.formatException(record.exc_info)
+        return fields
 
 
-class LogfmtFormatter(logging.Formatter):
+class LogfmtFormatter(_Formatter):
     """`time=... level=... logger=... msg="..." key=value ...`, one line per record."""
 
     def format(self, record: logging.LogRecord) -> str:
-        fields = _fields(self, record)
-        return " ".join(f"{key}={_logfmt_value(value)}" for key, value in fields.items())
+        return " ".join(
+            [f"{key}={_logfmt_value(value)}" for key, value in self.fields(record).items()]
+        )
 
 
-class JsonFormatter(logging.Formatter):
+class JsonFormatter(_Formatter):
     """One JSON object per line, with the same keys as logfmt."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return json.dumps(_fields(self, record), ensure_ascii=False)
+        return json.dumps(self.fields(record), ensure_ascii=False)
 
 
 def _logfmt_value(value: Value) -> str:
     if value is None:
         return "-"
-    if isinstance(value, int | float):
+    if not isinstance(value, str):
         return str(value)
-    if value and _BARE.fullmatch(value):
+    if _BARE.fullmatch(value):
         return value
     # Quote, escaping what could end the line or the value: a user name is
     # the client's text and must not forge fields or lines.
@@ -98,3 +118,10 @@ def setup(level: str, format: Literal["logfmt", "json"]) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # Each record would otherwise look up its caller's source line, thread
+    # and process: poproxy's formats show none of them (Logging HOWTO,
+    # "Optimization"). A session costs one record at info level.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import socket
@@ -20,6 +21,8 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
+
+from prometheus_client import Counter
 
 from poproxy import config, policy, proxy_protocol, tls
 from poproxy.auth_http import AuthHttpClient, AuthHttpError, AuthRequest
@@ -67,6 +70,10 @@ TLS_HANDSHAKE = b"\x16"  # the first byte of every TLS handshake record (RFC 844
 ALERT_NO_APPLICATION_PROTOCOL = b"\x15\x03\x03\x00\x02\x02\x78"
 ALERT_UNRECOGNIZED_NAME = b"\x15\x03\x03\x00\x02\x02\x70"  # RFC 6066 section 3
 PEEK_RETRY = 0.005  # seconds between looks at a ClientHello that has partly arrived
+# The first look at a new TLS connection takes this much, so that a whole
+# ClientHello (about 0.5 KiB, 2 KiB with post-quantum key shares) is usually
+# seen in one system call.
+FIRST_PEEK = 4096
 AUTH_HTTP_WAITS = 3  # times an auth_http WAIT is honoured before giving up
 AUTH_HTTP_MAX_WAIT = 10.0  # seconds, whatever Auth-Wait says
 auth_log = logging.getLogger("poproxy.auth")
@@ -119,6 +126,38 @@ class _Ended(Exception):
         self.reason = reason
 
 
+class ListenerSeries:
+    """The metric series one listener's sessions update, bound to their labels once.
+
+    `labels()` is a locked dictionary lookup; a session would pay it about
+    ten times.
+    """
+
+    def __init__(self, metrics: Metrics, listener: str) -> None:
+        self.connections = metrics.connections.labels(listener)
+        self.active = metrics.connections_active.labels(listener)
+        self.handshakes = {
+            result: metrics.tls_handshakes.labels(listener, result.value)
+            for result in HandshakeResult
+        }
+        self.handshake_duration = metrics.tls_handshake_duration.labels(listener)
+        self.logins = {result: metrics.logins.labels(result.value) for result in LoginResult}
+        self.closed = {
+            reason: metrics.sessions_closed.labels(reason.value) for reason in CloseReason
+        }
+        self.to_backend = metrics.relayed_bytes.labels(Direction.CLIENT_TO_BACKEND.value)
+        self.to_client = metrics.relayed_bytes.labels(Direction.BACKEND_TO_CLIENT.value)
+        self._tls_versions = metrics.tls_versions
+        self._listener = listener
+        self._versions: dict[str, Counter] = {}
+
+    def tls_version(self, version: str) -> Counter:
+        series = self._versions.get(version)
+        if series is None:
+            series = self._versions[version] = self._tls_versions.labels(self._listener, version)
+        return series
+
+
 @dataclass(frozen=True)
 class SessionContext:
     """What every session of one listener shares."""
@@ -134,6 +173,10 @@ class SessionContext:
     rekey: Callable[[Session], bool]  # count a session under its PROXY-given address
     auth_http: AuthHttpClient | None = None  # when set, it decides where logins go
 
+    @functools.cached_property
+    def series(self) -> ListenerSeries:
+        return ListenerSeries(self.metrics, self.listener.name)
+
 
 class Session:
     """Runs one client connection; `run()` returns when both sides are closed."""
@@ -148,10 +191,12 @@ class Session:
         self.context = context
         self.limits = context.limits
         self.metrics = context.metrics
+        self.series = context.series
+        self.loop = asyncio.get_running_loop()  # made where accept runs, on the loop
         self.sock = sock
         self.client = client  # the client's address: a PROXY header may replace it
         self.connection_key = connection_key  # what the connection caps count it under
-        self.local: tuple[str, int] = sock.getsockname()[:2]
+        self._local: tuple[str, int] | None = None  # a PROXY header may set it
         self.channel = Channel()
         self.id = f"{next(_session_ids):x}"
         self.policy = ClientPolicy(
@@ -182,14 +227,20 @@ class Session:
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     @property
+    def local(self) -> tuple[str, int]:
+        """The address the client connected to (or the one a PROXY header named)."""
+        if self._local is None:
+            self._local = self.sock.getsockname()[:2]
+        return self._local
+
+    @property
     def in_transaction(self) -> bool:
         return self.relay is not None
 
     async def run(self) -> None:
-        self._task = asyncio.current_task()
-        listener = self.context.listener.name
-        self.metrics.connections.labels(listener).inc()
-        active = self.metrics.connections_active.labels(listener)
+        self._task = asyncio.current_task(self.loop)
+        self.series.connections.inc()
+        active = self.series.active
         active.inc()
         reason = CloseReason.CLIENT_CLOSED
         try:
@@ -261,7 +312,7 @@ class Session:
         TLS layer): they tell a client that speaks TLS from one that waits for
         a plaintext greeting, and show the ClientHello's ALPN list.
         """
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         listener = self.context.listener
         channel = self.channel
         self.handshaking = True  # until the transport exists, shutdown cancels us
@@ -293,7 +344,7 @@ class Session:
         if self.client[0] not in self.context.proxy_trusted:
             self.log.warning("PROXY header expected from %s, not trusted: closed", self.peer)
             raise _Ended(CloseReason.PROTOCOL_ERROR)
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         deadline = loop.time() + settings.timeout
         size = 8
         while True:
@@ -307,15 +358,15 @@ class Session:
             size = max(header.size, len(data) + 1)
         self.sock.recv(header.length)  # exactly the header: what follows is the client's
         if header.source is not None and header.destination is not None:
-            self.client, self.local = header.source, header.destination
+            self.client, self._local = header.source, header.destination
             if not self.context.rekey(self):
                 self.log.info("connection cap reached for %s (PROXY header)", self.peer)
                 raise _Ended(CloseReason.PROTOCOL_ERROR)
 
     async def _implicit_tls(self, hint_after: float) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         listener = self.context.listener
-        first = await self._peek(1, hint_after or self.limits.handshake_timeout)
+        first = await self._peek(FIRST_PEEK, hint_after or self.limits.handshake_timeout, want=1)
         if hint_after and first[:1] != TLS_HANDSHAKE:
             # Nothing (a client waiting for a greeting) or plaintext: a mail
             # client set up without SSL/TLS. Tell its user, in words it shows.
@@ -326,7 +377,7 @@ class Session:
             with contextlib.suppress(OSError):
                 self.sock.send(policy.PLAINTEXT_ON_TLS_PORT)
             raise _Ended(CloseReason.TLS_ERROR)
-        await self._check_client_hello(lambda data: self.sock.send(data))
+        await self._check_client_hello(lambda data: self.sock.send(data), first)
         channel = self.channel
         self._handed_over = True
         # The protocol is our `channel`, whatever the pair returned says
@@ -340,19 +391,20 @@ class Session:
             )
         )
 
-    async def _check_client_hello(self, send: Callable[[bytes], object]) -> None:
+    async def _check_client_hello(self, send: Callable[[bytes], object], seen: bytes = b"") -> None:
         """Refuse what the TLS policy refuses, with the alert RFC 9325 names.
 
         ALPN (ALPACA; RFC 9325 section 3.8, RFC 7301 section 3.2): a list
         without "pop3" is refused under `tls.alpn: strict`; Python's ssl module
         would only decline to pick one. SNI (RFC 9325 section 3.7): a name no
         certificate carries is refused under `tls.sni: strict`. The ClientHello
-        is peeked at, left in the socket for the TLS layer.
+        is peeked at, left in the socket for the TLS layer; `seen` is what
+        an earlier peek already saw of it.
         """
         settings = self.context.certificates.settings
         if settings.alpn != "strict" and settings.sni != "strict":
             return
-        hello = await self._client_hello()
+        hello = await self._client_hello(seen)
         if not isinstance(hello, ClientHello):
             return  # the TLS layer rejects what is not a ClientHello
         alert = None
@@ -367,18 +419,23 @@ class Session:
             alert, why, result = ALERT_UNRECOGNIZED_NAME, "SNI", HandshakeResult.SNI_REFUSED
         if alert is None:
             return
-        listener = self.context.listener.name
-        self.metrics.tls_handshakes.labels(listener, result.value).inc()
+        self.series.handshakes[result].inc()
         self.log.info("refused TLS from %s: %s not served here", self.peer, why)
         with contextlib.suppress(OSError):
             send(alert)
         raise _Ended(CloseReason.TLS_ERROR)
 
-    async def _client_hello(self) -> NeedMore | NotTls | Malformed | ClientHello:
+    async def _client_hello(self, seen: bytes) -> NeedMore | NotTls | Malformed | ClientHello:
         """Peek until the ClientHello is complete, or the handshake time is up."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         deadline = loop.time() + self.limits.handshake_timeout
-        size = 5  # a record header first
+        if seen:
+            result = inspect_client_hello(seen)
+            if not isinstance(result, NeedMore):
+                return result  # the usual case: the first look saw all of it
+            size = max(result.size, len(seen) + 1)
+        else:
+            size = 5  # a record header first
         while True:
             data = await self._peek(size, deadline - loop.time())
             result = inspect_client_hello(data)
@@ -386,12 +443,14 @@ class Session:
                 return result  # decided, or the time is up
             size = max(result.size, len(data) + 1)
 
-    async def _peek(self, size: int, within: float) -> bytes:
-        """Up to `size` bytes waiting in the socket, not consumed; waits at most `within` s.
+    async def _peek(self, size: int, within: float, want: int | None = None) -> bytes:
+        """Up to `size` bytes waiting in the socket, not consumed; waits at most `within` s
+        for `want` of them (default: all `size`).
 
         Returns fewer bytes when the time is up first; b"" when nothing came.
         """
-        loop = asyncio.get_running_loop()
+        want = size if want is None else want
+        loop = self.loop
         deadline = loop.time() + within
         while True:
             try:
@@ -403,8 +462,10 @@ class Session:
             else:
                 if not data:
                     raise _Ended(CloseReason.CLIENT_CLOSED)
+            if len(data) >= want:
+                return data
             remaining = deadline - loop.time()
-            if len(data) >= size or remaining <= 0:
+            if remaining <= 0:
                 return data
             if data:
                 # Part of it is there and the socket stays readable: a
@@ -414,26 +475,26 @@ class Session:
                 await self._readable(remaining)
 
     async def _readable(self, within: float) -> None:
-        loop = asyncio.get_running_loop()
+        """Wait until the socket is readable, at most `within` seconds."""
+        loop = self.loop
         fd = self.sock.fileno()
         readable = loop.create_future()
         try:
-            loop.add_reader(fd, readable.set_result, None)
+            loop.add_reader(fd, _wake, readable)
         except RuntimeError:
             # uvloop refuses readers on a socket its transport owns (after STLS).
             await asyncio.sleep(min(PEEK_RETRY, within))
             return
+        timer = loop.call_later(within, _wake, readable)
         try:
-            async with asyncio.timeout(within):
-                await readable
-        except TimeoutError:
-            pass
+            await readable
         finally:
+            timer.cancel()
             loop.remove_reader(fd)
 
     async def _handshake(self, handshake: Awaitable[object]) -> None:
         """Run a TLS handshake, count it, and note what it negotiated."""
-        listener = self.context.listener.name
+        series = self.series
         started = time.monotonic()
         self.handshaking = True
         try:
@@ -441,18 +502,18 @@ class Session:
         except (OSError, EOFError) as exc:
             timed_out = time.monotonic() - started >= self.limits.handshake_timeout
             result = HandshakeResult.TIMEOUT if timed_out else HandshakeResult.FAILURE
-            self.metrics.tls_handshakes.labels(listener, result.value).inc()
+            series.handshakes[result].inc()
             # Scanners fail handshakes all day: debug level, no traceback.
             self.log.debug("TLS handshake with %s failed: %s", self.peer, exc)
             raise _Ended(CloseReason.TLS_ERROR) from None
         except asyncio.CancelledError:
             # Cut by the login timeout or by shutdown: it did not complete.
-            self.metrics.tls_handshakes.labels(listener, HandshakeResult.TIMEOUT.value).inc()
+            series.handshakes[HandshakeResult.TIMEOUT].inc()
             raise
         finally:
             self.handshaking = False
-            self.metrics.tls_handshake_duration.labels(listener).observe(time.monotonic() - started)
-        self.metrics.tls_handshakes.labels(listener, HandshakeResult.SUCCESS.value).inc()
+            series.handshake_duration.observe(time.monotonic() - started)
+        series.handshakes[HandshakeResult.SUCCESS].inc()
         transport = self.channel.connected()
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
@@ -463,7 +524,7 @@ class Session:
                 "tls_cipher": cipher[0] if cipher else None,
                 "sni": tls.server_name(ssl_object),
             }
-            self.metrics.tls_versions.labels(listener, version or "unknown").inc()
+            series.tls_version(version or "unknown").inc()
         self.policy.tls_started()
 
     async def _commands(self) -> BackendConnection:
@@ -542,8 +603,7 @@ class Session:
 
     async def _start_tls(self) -> None:
         transport = self.channel.connected()
-        loop = asyncio.get_running_loop()
-        upgrade = loop.start_tls(
+        upgrade = self.loop.start_tls(
             transport,
             self.channel,
             self.context.certificates.current,
@@ -580,16 +640,16 @@ class Session:
             code = ResponseCode.SYS_TEMP
             result = LoginResult.BACKEND_UNAVAILABLE
         else:
-            self.metrics.logins.labels(LoginResult.SUCCESS.value).inc()
+            self.series.logins[LoginResult.SUCCESS].inc()
             self._backend = backend
             self.policy.login_succeeded()
             return backend
-        self.metrics.logins.labels(result.value).inc()
+        self.series.logins[result].inc()
         self._log_failed_login(result)
         if result is LoginResult.AUTH_FAILED:
             # Slows down guessing; unknown user and wrong password wait alike.
             # The delay grows per address (limits.py); only this session waits.
-            now = asyncio.get_running_loop().time()
+            now = self.loop.time()
             delay = self.context.penalty.failed(self.client[0], login.user, login.password, now)
             await asyncio.sleep(delay)
         match self.policy.login_failed(code):
@@ -665,9 +725,8 @@ class Session:
         )
         result = await self.relay.wait()
         self._relayed = (result.client_to_backend, result.backend_to_client)
-        relayed = self.metrics.relayed_bytes
-        relayed.labels(Direction.CLIENT_TO_BACKEND.value).inc(result.client_to_backend)
-        relayed.labels(Direction.BACKEND_TO_CLIENT.value).inc(result.backend_to_client)
+        self.series.to_backend.inc(result.client_to_backend)
+        self.series.to_client.inc(result.backend_to_client)
         if result.client_quit and result.end in (RelayEnd.BACKEND_CLOSED, RelayEnd.CLIENT_CLOSED):
             return CloseReason.QUIT
         return _RELAY_ENDS[result.end]
@@ -693,7 +752,7 @@ class Session:
     def _end(self, reason: CloseReason) -> None:
         """Count the session's end and write its one log line."""
         duration = time.monotonic() - self.started
-        self.metrics.sessions_closed.labels(reason.value).inc()
+        self.series.closed[reason].inc()
         self.metrics.session_duration.observe(duration)
         backend = self._backend
         local = backend.transport.get_extra_info("sockname") if backend else None
@@ -716,3 +775,8 @@ class Session:
             "duration_seconds": round(duration, 3),
         }
         event(log, logging.INFO, "session end", fields)
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import socket
 import ssl
 
 import pytest
 from support.clients import RawClient
 from support.fake_backend import ALICE, running_backend
-from support.proxy import RunningProxy, StartProxy
+from support.proxy import Certificates, RunningProxy, StartProxy, proxy_config, running_proxy
 
 from poproxy.demo import SAMPLE_MESSAGES, MailboxServer
 
@@ -106,6 +107,37 @@ class TestBackendFailures:
                 )
                 # Still in AUTHORIZATION: the client may try again or quit.
                 assert await client.command(b"QUIT\r\n") == b"+OK Bye\r\n"
+
+    @pytest.mark.asyncio
+    async def test_a_backend_that_never_answers_times_out_with_sys_temp(
+        self, certificates: Certificates, client_context: ssl.SSLContext
+    ) -> None:
+        accepted: list[asyncio.StreamWriter] = []
+
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            accepted.append(writer)  # no greeting, ever
+
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        settings = proxy_config(certificates.files, [server.sockets[0].getsockname()[:2]])
+        backend = dataclasses.replace(settings.backends[0], reply_timeout=0.2)
+        settings = dataclasses.replace(settings, backends=(backend,))
+        try:
+            async with running_proxy(settings) as running:
+                client = await RawClient.connect(running.addresses["pop3s"], client_context)
+                async with client:
+                    await client.line()
+                    await client.send(LOGIN)
+                    await client.line()
+                    async with asyncio.timeout(5):
+                        assert await client.line() == (
+                            b"-ERR [SYS/TEMP] Temporary failure, try again later\r\n"
+                        )
+                    assert await client.command(b"QUIT\r\n") == b"+OK Bye\r\n"
+                assert len(accepted) == 1
+        finally:
+            for writer in accepted:
+                writer.close()
+            server.close()
 
     @pytest.mark.asyncio
     async def test_next_server_is_tried_when_one_is_down(
