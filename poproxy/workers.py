@@ -487,9 +487,11 @@ async def worker(index: int, control: int, stop: asyncio.Event) -> None:
 
 async def _supervisor_gone(reader: asyncio.StreamReader, stop: asyncio.Event) -> None:
     """The supervisor sends nothing after the start message: the end of the
-    channel means it is gone, and a worker must not serve on without it."""
-    while await reader.read(4096):
-        pass
+    channel means it is gone, and a worker must not serve on without it. A reset
+    or a broken pipe (a report written after the supervisor died) means the same."""
+    with contextlib.suppress(OSError):
+        while await reader.read(4096):
+            pass
     if not stop.is_set():
         log.error("the supervisor is gone: shutting down")
         stop.set()
@@ -505,9 +507,15 @@ class _Channel:
         self._ready: bool | None = None
 
     def report(self, state: str) -> None:
-        """`serve`'s sd_notify states, which the supervisor sums up for systemd."""
-        self._send({"state": state})
-        self.check_ready()
+        """`serve`'s sd_notify states, which the supervisor sums up for systemd.
+
+        Readiness rides in the same message: the supervisor reports a worker
+        serving and answers /readyz from what one message said.
+        """
+        ready = self.proxy.ready()
+        self.metrics.ready.set(1 if ready else 0)
+        self._ready = ready
+        self._send({"state": state, "ready": ready})
 
     def check_ready(self) -> None:
         ready = self.proxy.ready()

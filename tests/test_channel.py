@@ -35,7 +35,8 @@ async def test_read_with_a_deadline_times_out_when_nothing_comes(
     started = loop.time()
     with pytest.raises(TimeoutError):
         await channel.read(started + 0.05)
-    assert loop.time() - started >= 0.05
+    # It waited (uvloop's clock counts whole milliseconds).
+    assert loop.time() - started >= 0.04
     assert not channel.closed
 
 
