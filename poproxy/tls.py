@@ -74,11 +74,15 @@ def _base_context(settings: TlsSettings) -> ssl.SSLContext:
     context.set_ciphers(INTERMEDIATE_CIPHERS)
     # No compression (CRIME, RFC 9325 section 3.3); no renegotiation (its CPU
     # cost is a denial of service, section 3.5); the server picks the suite.
-    # Session tickets stay on (OpenSSL's default): a client that polls every
-    # few minutes resumes instead of paying for a full handshake.
+    # Session tickets stay on: a client that polls every few minutes resumes
+    # instead of paying for a full handshake. One TLS 1.3 ticket per
+    # connection, not OpenSSL's two: a mail client opens one connection per
+    # account at a time, and each ticket costs an encryption and a record
+    # (about a tenth of a TLS connection's CPU, bench/RESULTS.md).
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
     context.set_alpn_protocols(ALPN_PROTOCOLS)
+    context.num_tickets = 1
     return context
 
 
