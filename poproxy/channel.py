@@ -42,26 +42,26 @@ class Channel(asyncio.Protocol):
             # has taken the bytes.
             self._reading_paused = True
             self.connected().pause_reading()
-        _wake(self._readable)
+        wake(self._readable)
 
     def eof_received(self) -> bool:
         self.closed = True
-        _wake(self._readable)
+        wake(self._readable)
         return False  # close our side too: POP3 has no use for half-closed connections
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.lost = True
         self.error = exc
-        _wake(self._readable)
-        _wake(self._drained)
+        wake(self._readable)
+        wake(self._drained)
 
     def pause_writing(self) -> None:
         self._writing_paused = True
 
     def resume_writing(self) -> None:
         self._writing_paused = False
-        _wake(self._drained)
+        wake(self._drained)
 
     # --- for the coroutine -------------------------------------------------
 
@@ -131,7 +131,8 @@ class Channel(asyncio.Protocol):
         return self.transport
 
 
-def _wake(waiter: asyncio.Future[None] | None) -> None:
+def wake(waiter: asyncio.Future[None] | None) -> None:
+    """Let whoever waits on `waiter` go on (once; later calls do nothing)."""
     if waiter is not None and not waiter.done():
         waiter.set_result(None)
 

@@ -35,7 +35,7 @@ from poproxy.backends import (
     LoginRejected,
     Pool,
 )
-from poproxy.channel import Channel
+from poproxy.channel import Channel, wake
 from poproxy.clienthello import MAX_CLIENT_HELLO, ClientHello, Malformed, NeedMore, NotTls
 from poproxy.clienthello import inspect as inspect_client_hello
 from poproxy.limits import AuthPenalty, Networks
@@ -480,12 +480,12 @@ class Session:
         fd = self.sock.fileno()
         readable = loop.create_future()
         try:
-            loop.add_reader(fd, _wake, readable)
+            loop.add_reader(fd, wake, readable)
         except RuntimeError:
             # uvloop refuses readers on a socket its transport owns (after STLS).
             await asyncio.sleep(min(PEEK_RETRY, within))
             return
-        timer = loop.call_later(within, _wake, readable)
+        timer = loop.call_later(within, wake, readable)
         try:
             await readable
         finally:
@@ -775,8 +775,3 @@ class Session:
             "duration_seconds": round(duration, 3),
         }
         event(log, logging.INFO, "session end", fields)
-
-
-def _wake(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
