@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 from support.clients import RawClient
+from support.notify import NotifySocket
 from support.proxy import Certificates
 
 from poproxy.demo import MailboxServer
@@ -94,20 +94,12 @@ async def test_systemd_hears_ready_reloading_and_stopping(
             backend=f"{backend.address[0]}:{backend.address[1]}",
         )
     )
-    loop = asyncio.get_running_loop()
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(tmp_path / "notify"))
-    notify.setblocking(False)
-    environment = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")}
+    notify = NotifySocket(tmp_path / "notify")
+    message = notify.message
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "poproxy", "run", "-c", str(path),
-        stderr=asyncio.subprocess.DEVNULL, env=environment,
+        stderr=asyncio.subprocess.DEVNULL, env=notify.environment,
     )  # fmt: skip
-
-    async def message() -> str:
-        async with asyncio.timeout(10):
-            return (await loop.sock_recv(notify, 4096)).decode()
-
     try:
         assert (await message()).startswith("READY=1")
         process.send_signal(signal.SIGHUP)

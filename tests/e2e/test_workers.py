@@ -24,6 +24,7 @@ import pytest_asyncio
 import trustme
 from support.clients import TIMEOUT, RawClient
 from support.fake_backend import ALICE
+from support.notify import NotifySocket
 from support.proxy import Certificates
 
 from poproxy.demo import SAMPLE_MESSAGES, MailboxServer
@@ -426,21 +427,13 @@ async def test_systemd_hears_the_supervisor_only(
 ) -> None:
     """READY=1 once every worker serves, RELOADING=1 and READY=1 around a SIGHUP that
     every worker has applied, STOPPING=1; nothing from the workers themselves."""
-    loop = asyncio.get_running_loop()
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(tmp_path / "notify"))
-    notify.setblocking(False)
-    environment = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")}
+    notify = NotifySocket(tmp_path / "notify", wait=15.0)
+    message = notify.message
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "poproxy", "run", "-c", str(config_file),
-        stderr=asyncio.subprocess.PIPE, env=environment,
+        stderr=asyncio.subprocess.PIPE, env=notify.environment,
     )  # fmt: skip
     running = Poproxy(process)
-
-    async def message() -> str:
-        async with asyncio.timeout(15):
-            return (await loop.sock_recv(notify, 4096)).decode()
-
     try:
         assert await message() == "READY=1\nSTATUS=serving"
         await running.count(b"listening on", 2)
@@ -452,7 +445,7 @@ async def test_systemd_hears_the_supervisor_only(
         assert await message() == "STOPPING=1"
         assert await running.wait() == 0
         with pytest.raises(BlockingIOError):
-            notify.recv(4096)  # nothing more, from anyone
+            notify.sock.recv(4096)  # nothing more, from anyone
     finally:
         notify.close()
         await running.stop()
